@@ -1,0 +1,94 @@
+"""Every Wan number in one place, and the base config the named configs start from.
+
+Sources: diffusers `WanTransformer3DModel` configs and the official Wan2.1/2.2 repositories
+(`wan/configs/*.py`), HoloCine's inference script for its own sampling defaults (DESIGN §3, §4).
+"""
+import ml_collections
+
+# DiT sizes: dim / ffn_dim / heads / layers / latent channels. Head dim is 128 everywhere.
+WAN_MODELS = {
+    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=16, text_dim=32),
+    "wan21_1_3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16),
+    "wan21_14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16),
+    # Wan2.2-T2V-A14B: two experts of this size (high-noise, low-noise).
+    "wan22_a14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16),
+    "wan22_ti2v_5b": dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48),
+}
+
+# Wan VAEs: latent channels and (t, h, w) stride. 2.1: z16 4x8x8; 2.2 (TI2V-5B): z48 4x16x16.
+WAN_VAES = {
+    "2.1": dict(z_dim=16, stride=(4, 8, 8)),
+    "2.2": dict(z_dim=48, stride=(4, 16, 16)),
+}
+
+# Official Wan sampling defaults (wan/configs): steps, shift, guidance, frames, fps, size.
+WAN_SAMPLING = {
+    "wan21_t2v": dict(num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=81, fps=16,
+                      height=480, width=832),
+    "wan22_t2v_a14b": dict(num_steps=40, shift=12.0, guidance_scale=(4.0, 3.0), num_frames=81,
+                           fps=16, height=720, width=1280, boundary=0.875),
+    "wan22_ti2v_5b": dict(num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=121, fps=24,
+                          height=704, width=1280),
+}
+
+# HoloCine's own defaults (released A14B fine-tune): 15 s films at 480x832, 15 fps output.
+HOLOCINE_SAMPLING = dict(num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=241, fps=15,
+                         height=480, width=832, boundary=0.875)
+
+# Wan's `sample_neg_prompt` (also HoloCine's default negative prompt).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+    """The DiT hyper-parameters for a row of WAN_MODELS (names follow diffusers' config)."""
+    row = WAN_MODELS[size]
+    return ml_collections.ConfigDict(dict(
+        patch_size=(1, 2, 2),
+        in_channels=row["in_channels"],
+        out_channels=row["in_channels"],
+        dim=row["dim"],
+        ffn_dim=row["ffn_dim"],
+        num_heads=row["num_heads"],
+        num_layers=row["num_layers"],
+        freq_dim=256,
+        text_dim=row.get("text_dim", 4096),  # UMT5-XXL d_model
+        text_len=512,
+        cross_attn_norm=True,
+        eps=1e-6,
+        rope_theta=10000.0,
+        param_dtype="float32",
+        dtype="bfloat16",         # matmul / activation dtype; norms, modulation, softmax stay f32
+        remat="nothing_saveable",  # none | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
+        scan_layers=True,          # False: the same stacked parameters, loop fully unrolled
+    ))
+
+
+def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDict:
+    """Config shared by every named config; `sampling` is a row of the sampling tables."""
+    c = ml_collections.ConfigDict()
+    c.name = size
+    c.seed = 0
+    c.model = model_config(size)
+    c.vae = ml_collections.ConfigDict(dict(version=vae, **WAN_VAES[vae]))
+    c.attention = ml_collections.ConfigDict(dict(
+        mode="sparse",            # sparse (HoloCine) | full (HoloCine-Full) | independent
+        impl="auto",              # auto | reference | xla | pallas
+        summary_self_weight=2.0,  # 2.0 reproduces the released checkpoints, 1.0 the clean mask
+        block_q=128,
+        block_kv=128,
+    ))
+    c.shots = ml_collections.ConfigDict(dict(max_shots=13, summary_frames=1))
+    c.video = ml_collections.ConfigDict(dict(
+        num_frames=sampling["num_frames"], height=sampling["height"], width=sampling["width"],
+        fps=sampling["fps"]))
+    # A14B: expert names in switch order and the boundary (t >= boundary*1000 -> first expert).
+    c.experts = ml_collections.ConfigDict(dict(names=(), boundary=sampling.get("boundary", 0.0)))
+    c.sample = ml_collections.ConfigDict(dict(
+        scheduler="euler", num_steps=sampling["num_steps"], shift=sampling["shift"],
+        guidance_scale=sampling["guidance_scale"], negative_prompt=WAN_NEGATIVE_PROMPT))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
+    return c

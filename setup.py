@@ -1,0 +1,37 @@
+"""holocine-jax: HoloCine multi-shot video diffusion in JAX/Flax NNX for TPU pods."""
+from setuptools import find_packages, setup
+
+setup(
+    name="holocine-jax",
+    version="0.1.0",
+    description="HoloCine (holistic multi-shot Wan2.2 video diffusion) in JAX / Flax NNX",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["holocine_jax", "holocine_jax.*", "configs"]),
+    install_requires=[
+        "jax==0.10.2",
+        "flax>=0.12.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "einops>=0.8",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "clu>=0.0.12",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # Independent PyTorch references for the parity tests. torch itself is installed on the
+        # command line (`torch==2.13.0`, the CPU wheel) so that pip never pulls a CUDA build.
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "diffusers>=0.35",
+            "transformers>=4.50",
+        ],
+        # libtpu: compile ahead of time for TPU v5 topologies from any host.
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
+    entry_points={"console_scripts": ["holocine-jax=holocine_jax.cli:main"]},
+)

@@ -1,0 +1,80 @@
+"""One Wan DiT block: modulated self-attention, cross-attention, modulated FFN (DESIGN §4)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from holocine_jax.attention import cross_attention, shot_attention
+from holocine_jax.model.layers import FeedForward, dense, layer_norm, modulation_table, rms_norm
+from holocine_jax.model.rope import apply_rope
+
+
+class WanAttention(nnx.Module):
+    """diffusers `WanAttention`: `to_q/to_k/to_v`, `to_out.0`, RMS `norm_q/norm_k` across heads.
+
+    Self-attention (context=None) rotates q, k with RoPE and goes through `shot_attention`;
+    cross-attention reads `context` [B, Lt, dim] through `cross_attention` (text windows).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, eps: float, attention, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads = num_heads
+        self.mode, self.impl = attention.mode, attention.impl
+        self.summary_self_weight = attention.summary_self_weight
+        self.to_q = dense(dim, dim, ("embed", "heads"), **kw)
+        self.to_k = dense(dim, dim, ("embed", "heads"), **kw)
+        self.to_v = dense(dim, dim, ("embed", "heads"), **kw)
+        self.to_out = nnx.List([dense(dim, dim, ("heads", "embed"), **kw)])
+        self.norm_q = rms_norm(dim, "heads", eps=eps, param_dtype=param_dtype, rngs=rngs)
+        self.norm_k = rms_norm(dim, "heads", eps=eps, param_dtype=param_dtype, rngs=rngs)
+
+    def _heads(self, x):
+        """[B, L, H*D] -> [B, L, H, D]."""
+        return x.reshape(*x.shape[:2], self.num_heads, -1)
+
+    def __call__(self, x, context=None, *, rope=None, layout=None):
+        """x: [B, L, dim] video tokens; context: [B, Lt, dim] or None. Returns [B, L, dim]."""
+        source = x if context is None else context
+        dtype = self.to_q.dtype or x.dtype
+        q = self._heads(self.norm_q(self.to_q(x)).astype(dtype))
+        k = self._heads(self.norm_k(self.to_k(source)).astype(dtype))
+        v = self._heads(self.to_v(source))
+        if context is None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            out = shot_attention(q, k, v, layout, mode=self.mode, impl=self.impl,
+                                 summary_self_weight=self.summary_self_weight)
+        else:
+            out = cross_attention(q, k, v, layout)
+        return self.to_out[0](out.reshape(x.shape[0], x.shape[1], -1))
+
+
+class WanTransformerBlock(nnx.Module):
+    """Block with diffusers' names: norm1/attn1 (self), norm2/attn2 (cross), norm3/ffn.
+
+    The residual stream stays float32 (as the official code); sub-layers run in `dtype`.
+    """
+
+    def __init__(self, m, attention, *, rngs: nnx.Rngs):
+        dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(eps=m.eps, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+        self.norm1 = layer_norm(m.dim, affine=False, **norm)
+        self.attn1 = WanAttention(m.dim, m.num_heads, eps=m.eps, attention=attention, **kw)
+        self.attn2 = WanAttention(m.dim, m.num_heads, eps=m.eps, attention=attention, **kw)
+        self.norm2 = layer_norm(m.dim, affine=True, **norm) if m.cross_attn_norm else None
+        self.ffn = FeedForward(m.dim, m.ffn_dim, **kw)
+        self.norm3 = layer_norm(m.dim, affine=False, **norm)
+        self.scale_shift_table = modulation_table(6, m.dim, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, context, t_mod, rope, layout=None):
+        """x: [B, L, dim] float32; context: [B, Lt, dim]; t_mod: [B, 6, dim] float32."""
+        mod = self.scale_shift_table[...].astype(jnp.float32) + t_mod
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = jnp.split(mod, 6, axis=1)
+        h = (self.norm1(x) * (1 + scale_sa) + shift_sa).astype(self.dtype)
+        x = x + self.attn1(h, rope=rope, layout=layout).astype(jnp.float32) * gate_sa
+        h = (x if self.norm2 is None else self.norm2(x)).astype(self.dtype)
+        x = x + self.attn2(h, context, layout=layout).astype(jnp.float32)
+        h = (self.norm3(x) * (1 + scale_ff) + shift_ff).astype(self.dtype)
+        return x + self.ffn(h).astype(jnp.float32) * gate_ff

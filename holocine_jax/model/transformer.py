@@ -1,0 +1,107 @@
+"""The Wan diffusion transformer (`WanTransformer3DModel`) in Flax NNX, channels-last.
+
+    model = WanDiT(load_config("tiny"), rngs=nnx.Rngs(0))
+    v = model(latents, timesteps, text_states, layout)   # [B, F, H, W, C] -> [B, F, H, W, C]
+
+The blocks are stacked along a leading `layers` axis and run under `nnx.scan` (optionally
+unrolled), so compile time and HLO size do not grow with depth; remat is a config choice.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from holocine_jax.model.block import WanTransformerBlock
+from holocine_jax.model.embeddings import ConditionEmbedder, patch_embedding
+from holocine_jax.model.layers import dense, layer_norm, modulation_table, zeros
+from holocine_jax.model.rope import rope_tables
+
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def _stacked_blocks(config, rngs: nnx.Rngs):
+    """`num_layers` blocks with parameters stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=config.model.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return WanTransformerBlock(config.model, config.attention, rngs=rngs)
+
+    return create(rngs)
+
+
+class WanDiT(nnx.Module):
+    """Wan2.1 / Wan2.2 DiT. `config` is a full config (`config.model`, `config.attention`)."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        m = config.model
+        if m.remat not in REMAT_POLICIES:
+            raise ValueError(f"config.model.remat={m.remat!r}; expected one of {REMAT_POLICIES}")
+        if m.dim % m.num_heads or (m.dim // m.num_heads) % 2:
+            raise ValueError(f"config.model.dim={m.dim} must split into {m.num_heads} heads of even size")
+        dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+        self.config = ml_collections.FrozenConfigDict(config)  # static: hashable
+        self.patch_size = tuple(m.patch_size)
+        self.out_channels = m.out_channels
+        self.head_dim = m.dim // m.num_heads
+        self.rope_theta = m.rope_theta
+        self.remat, self.scan_layers = m.remat, m.scan_layers
+        self.dtype = dtype
+        self.patch_embedding = patch_embedding(m.in_channels, m.dim, m.patch_size, dtype=dtype,
+                                               param_dtype=param_dtype, rngs=rngs)
+        self.condition_embedder = ConditionEmbedder(dim=m.dim, freq_dim=m.freq_dim, text_dim=m.text_dim,
+                                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = _stacked_blocks(config, rngs)
+        self.norm_out = layer_norm(m.dim, eps=m.eps, affine=False, param_dtype=param_dtype, rngs=rngs)
+        self.proj_out = dense(m.dim, m.out_channels * math.prod(self.patch_size), ("embed", None),
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=zeros)
+        self.scale_shift_table = modulation_table(2, m.dim, param_dtype=param_dtype, rngs=rngs)
+
+    def token_grid(self, latent_shape) -> tuple[int, int, int]:
+        """(F, h, w) token grid of latents [B, F, H, W, C] after patchify; checks divisibility."""
+        _, f, hh, ww, _ = latent_shape
+        pt, ph, pw = self.patch_size
+        if f % pt or hh % ph or ww % pw:
+            raise ValueError(f"latents of shape {tuple(latent_shape)} are not divisible by the patch "
+                             f"size {self.patch_size} in (F, H, W)")
+        return f // pt, hh // ph, ww // pw
+
+    def __call__(self, latents, timesteps, text_states, layout=None):
+        """latents: [B, F, H, W, C]; timesteps: [B] in 0..1000; text_states: [B, Lt, text_dim].
+
+        layout: a batched ShotLayout (shots + text windows) or None (one shot, no windows: Wan).
+        Returns the flow prediction [B, F, H, W, C_out] in `dtype`.
+        """
+        b = latents.shape[0]
+        grid = self.token_grid(latents.shape)
+        x = self.patch_embedding(latents.astype(self.dtype)).reshape(b, -1, self.patch_embedding.out_features)
+        temb, t_mod, context = self.condition_embedder(timesteps, text_states.astype(self.dtype))
+        rope = rope_tables(self.head_dim, grid, self.rope_theta)
+        x = self._run_blocks(x.astype(jnp.float32), context, t_mod, rope, layout)
+        shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32) + temb[:, None], 2, axis=1)
+        x = self.proj_out((self.norm_out(x) * (1 + scale) + shift).astype(self.dtype))
+        return self._unpatchify(x, grid)
+
+    def _run_blocks(self, x, context, t_mod, rope, layout):
+        """Scan the stacked blocks over the float32 residual stream x: [B, L, dim]."""
+
+        def step(block, x):
+            return block(x, context, t_mod, rope, layout)
+
+        if self.remat != "none":
+            step = nnx.remat(step, policy=getattr(jax.checkpoint_policies, self.remat))
+        scan = nnx.scan(step, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                        unroll=1 if self.scan_layers else True)
+        return scan(self.blocks, x)
+
+    def _unpatchify(self, x, grid):
+        """[B, L, pt*ph*pw*C] (channel order (pt, ph, pw, c)) -> [B, F, H, W, C]."""
+        f, h, w = grid
+        pt, ph, pw = self.patch_size
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, self.out_channels)
+        x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+        return x.reshape(x.shape[0], f * pt, h * ph, w * pw, self.out_channels)

@@ -28,6 +28,7 @@ setup(
             "pytest>=8",
             "hypothesis>=6.100",
             "diffusers>=0.35",
+            "accelerate>=1.0",
             "transformers>=4.50",
         ],
         # libtpu: compile ahead of time for TPU v5 topologies from any host.

@@ -10,14 +10,12 @@ interrupted or failed export never leaves a half-written output directory.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 from flax import nnx
 
+from holocine_jax.checkpoint import atomic_directory
 from holocine_jax.config import CONFIG_NAMES, load_config
 from holocine_jax.convert import names as N
 from holocine_jax.convert.layout import check_tensors, fill_params, tensor_producer, torch_layout
@@ -136,23 +134,6 @@ def load_diffusers(path: str, config=None, *, expert: str | None = None) -> WanD
 def load_official(path: str, config=None, *, expert: str | None = None) -> WanDiT:
     """WanDiT from an official Wan folder (`high_noise_model/` / `low_noise_model/` for A14B)."""
     return _load(path, "official", config, expert)
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str):
-    """Yield a temporary sibling of `out`; rename it to `out` only if the block succeeds."""
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"output directory {out!r} exists and is not empty")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save(model: WanDiT, config_json: dict, out: str, rename, dtype, max_shard_bytes) -> str:

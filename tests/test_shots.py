@@ -1,0 +1,141 @@
+"""ShotLayout: construction, validation, derived geometry against hand-written expectations."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from holocine_jax.shots import (ShotLayout, even_cuts, latent_num_frames, latent_to_pixel_cut,
+                                pixel_to_latent_cut, snap_4t_plus_1)
+
+
+def test_frame_arithmetic_follows_the_4t_plus_1_rules():
+    assert [latent_num_frames(n) for n in (1, 5, 81, 241, 961)] == [1, 2, 21, 61, 241]
+    # A cut at pixel frame p starts latent frame ceil(p / 4).
+    for p in range(1, 200):
+        assert pixel_to_latent_cut(p) == -(-p // 4)
+    # 4t+1 cuts round-trip exactly; latent frame j >= 1 decodes from pixel 4j-3.
+    for j in range(1, 60):
+        assert pixel_to_latent_cut(latent_to_pixel_cut(j)) == j
+        assert latent_to_pixel_cut(j) == 4 * j - 3
+    assert [snap_4t_plus_1(n) for n in (240, 241, 242, 243, 247, 36, 38)] == [241, 241, 241, 241, 249, 37, 37]  # Python rounds half to even
+    with pytest.raises(ValueError, match="num_frames=240"):
+        latent_num_frames(240)
+
+
+def test_even_cuts_match_the_official_auto_rule():
+    def official(total, shots):  # HoloCine's `prepare_multishot_inputs`, written out.
+        step = total / shots
+        cuts = [4 * round((round(i * step) - 1) / 4) + 1 for i in range(1, shots)]
+        return [c for c in sorted(set(cuts)) if 0 < c < total]
+
+    for total in (81, 121, 241):
+        for shots in range(1, 9):
+            assert even_cuts(total, shots) == official(total, shots), (total, shots)
+    with pytest.raises(ValueError, match="too few"):
+        even_cuts(9, 5)
+
+
+def test_from_cuts_geometry():
+    layout = ShotLayout.from_cuts(41, [13, 29], latent_hw=(2, 3), max_shots=4)
+    assert layout.static_maxima == (11, 6, 4, 1)
+    assert layout.num_tokens == 66
+    np.testing.assert_array_equal(layout.shot_starts, [0, 4, 8, 11])  # padding shot starts at F
+    assert int(layout.num_shots) == 3
+    np.testing.assert_array_equal(layout.shot_lengths(), [4, 4, 3, 0])
+    np.testing.assert_array_equal(layout.frame_to_shot(), [0] * 4 + [1] * 4 + [2] * 3)
+    summary_frames = np.zeros(11, bool)
+    summary_frames[[0, 4, 8]] = True
+    np.testing.assert_array_equal(layout.frame_is_summary(), summary_frames)
+    np.testing.assert_array_equal(layout.token_shot_id(), np.repeat([0] * 4 + [1] * 4 + [2] * 3, 6))
+    np.testing.assert_array_equal(layout.token_is_summary(), np.repeat(summary_frames, 6))
+    assert layout.latent_cuts() == [4, 8] and layout.pixel_cuts() == [13, 29]
+    np.testing.assert_array_equal(layout.rope_frame_positions(), np.arange(11))
+
+
+def test_summary_frames_and_single_shot():
+    layout = ShotLayout.from_latent_cuts(9, [3, 7], latent_hw=(1, 1), max_shots=3, summary_frames=2)
+    np.testing.assert_array_equal(layout.frame_is_summary(), [1, 1, 0, 1, 1, 0, 0, 1, 1])
+    single = ShotLayout.from_latent_cuts(5, [], latent_hw=(1, 2), max_shots=2)
+    np.testing.assert_array_equal(single.token_shot_id(), np.zeros(10))
+    assert single.self_attention_mask("sparse").all() and single.self_attention_mask("independent").all()
+
+
+def test_self_attention_predicates_against_loops():
+    layout = ShotLayout.from_latent_cuts(7, [2, 5], latent_hw=(1, 2), max_shots=5)
+    shot = np.repeat([0, 0, 1, 1, 1, 2, 2], 2)
+    first = np.repeat([1, 0, 1, 0, 0, 1, 0], 2).astype(bool)
+    expect = {
+        "sparse": lambda i, j: shot[i] == shot[j] or first[j],
+        "independent": lambda i, j: shot[i] == shot[j],
+        "full": lambda i, j: True,
+    }
+    for mode, rule in expect.items():
+        want = np.array([[rule(i, j) for j in range(14)] for i in range(14)])
+        np.testing.assert_array_equal(layout.self_attention_mask(mode), want, err_msg=mode)
+    own = np.array([[shot[i] == shot[j] and first[j] for j in range(14)] for i in range(14)])
+    np.testing.assert_array_equal(layout.own_summary_mask(), own)
+
+
+def test_cross_attention_predicate():
+    windows = [[0, 4], [3, 7], [6, 10]]  # global, shot 0, shot 1 (overlap by a token)
+    layout = ShotLayout.from_latent_cuts(3, [1], latent_hw=(1, 1), max_shots=3,
+                                         text_windows=windows, text_pad_start=11)
+    mask = np.asarray(layout.cross_attention_mask(13))
+    t = np.arange(13)
+    glob, pad = t < 4, t >= 11
+    np.testing.assert_array_equal(mask[0], glob | ((t >= 3) & (t < 7)) | pad)
+    np.testing.assert_array_equal(mask[1], glob | ((t >= 6) & (t < 10)) | pad)
+    np.testing.assert_array_equal(mask[2], mask[1])
+    assert np.asarray(layout.without_text_windows().cross_attention_mask(13)).all()
+    no_windows = ShotLayout.from_latent_cuts(3, [1], latent_hw=(1, 1), max_shots=3)
+    assert np.asarray(no_windows.cross_attention_mask(13)).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(latent_cuts=[0, 3]), "latent cut 0 is out of range"),
+    (dict(latent_cuts=[3, 8]), "latent cut 8 is out of range"),
+    (dict(latent_cuts=[4, 2]), "must increase: 2 follows 4"),
+    (dict(latent_cuts=[4, 4]), "must increase: 4 follows 4"),
+    (dict(latent_cuts=[1, 2, 3, 4]), "5 shots exceed max_shots=4"),
+    (dict(latent_cuts=[2, 3], summary_frames=2), "shot 1 has 1 latent frame"),
+    (dict(latent_cuts=[2], text_windows=[[0, 2], [2, 4], [4, 6], [6, 8]], text_pad_start=9),
+     "3 shot text windows for 2 shots"),
+    (dict(latent_cuts=[2], text_windows=[[0, 2], [2, 4], [4, 6]]), "go together"),
+    (dict(latent_cuts=[2], text_windows=[[0, 2], [5, 4], [4, 6]], text_pad_start=9),
+     r"text window 1 = \[5, 4\)"),
+])
+def test_validation_names_the_offending_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ShotLayout.from_latent_cuts(8, latent_hw=(2, 2), max_shots=4, **kwargs)
+
+
+def test_pixel_cut_validation():
+    with pytest.raises(ValueError, match="cut frame 81 is out of range"):
+        ShotLayout.from_cuts(81, [37, 81], latent_hw=(2, 2), max_shots=4)
+    with pytest.raises(ValueError, match="38 follows 37"):  # same latent frame 10
+        ShotLayout.from_cuts(81, [37, 38], latent_hw=(2, 2), max_shots=4)
+    with pytest.raises(ValueError, match="num_frames=80"):
+        ShotLayout.from_cuts(80, [37], latent_hw=(2, 2), max_shots=4)
+
+
+def test_stack_and_jit_without_recompiles():
+    layouts = [ShotLayout.from_latent_cuts(12, cuts, latent_hw=(1, 2), max_shots=4)
+               for cuts in ([3, 7], [], [1, 2, 11])]
+    batch = ShotLayout.stack(layouts)
+    assert batch.shot_starts.shape == (3, 4) and batch.text_windows.shape == (3, 5, 2)
+    traces = []
+
+    @jax.jit
+    def ids(layout):
+        traces.append(1)
+        return layout.token_shot_id(), layout.token_is_summary()
+
+    for i, layout in enumerate(layouts):
+        got_ids, got_summary = ids(layout)
+        np.testing.assert_array_equal(got_ids, batch.token_shot_id()[i])
+        np.testing.assert_array_equal(got_summary, batch.token_is_summary()[i])
+    assert len(traces) == 1
+    other = ShotLayout.from_latent_cuts(12, [3], latent_hw=(1, 2), max_shots=5)
+    with pytest.raises(ValueError, match="different maxima"):
+        ShotLayout.stack([layouts[0], other])
+    assert jnp.shape(layouts[0].broadcast_to_batch(6).num_shots) == (6,)

@@ -1,0 +1,194 @@
+"""Video I/O with PyAV: probe, decode (seek, frame range, fps resample, resize), mp4/H.264 encode.
+
+    info = probe_video("a.mp4")                       # VideoInfo(num_frames, fps, height, width)
+    clip = read_video("a.mp4", start=40, num_frames=33, fps=8, size=(64, 64))  # uint8 [33,64,64,3]
+    write_video("b.mp4", clip, fps=8)
+
+Frame indices are source frames of the file. Resampling to `fps` picks, for output frame k, the
+source frame `start + floor(k * src_fps / fps)` (nearest previous frame; `resample_indices`).
+Every failure raises `VideoError` with the file and a short machine-readable `reason`
+(`missing`, `empty`, `unreadable`, `no_video_stream`, `decode_error`, `too_short`), which the
+dataset build counts per reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+
+REASONS = ("missing", "empty", "unreadable", "no_video_stream", "decode_error", "too_short")
+
+
+class VideoError(Exception):
+    """A video that cannot be used: `path` and `reason` (one of REASONS) name what went wrong."""
+
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+    codec: str
+
+
+def _open(path: str):
+    if not os.path.exists(path):
+        raise VideoError(path, "missing")
+    if os.path.getsize(path) == 0:
+        raise VideoError(path, "empty")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
+        raise VideoError(path, "unreadable", str(e)) from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(path, "no_video_stream")
+    return container
+
+
+def _fps(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate or rate <= 0:
+        raise VideoError(stream.container.name, "no_video_stream", "stream has no frame rate")
+    return float(rate)
+
+
+def _count_frames(container, stream) -> int:
+    """Frame count from the header, or by demuxing packets (no decoding) when it is missing."""
+    if stream.frames > 0:
+        return int(stream.frames)
+    n = sum(1 for p in container.demux(stream) if p.size > 0)
+    container.seek(0)
+    return n
+
+
+def probe_video(path: str) -> VideoInfo:
+    """Header facts of the first video stream (frame count by packet demux if not in the header)."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        try:
+            n = _count_frames(container, stream)
+        except av.FFmpegError as e:
+            raise VideoError(path, "decode_error", str(e)) from None
+        return VideoInfo(str(path), n, _fps(stream), stream.codec_context.height,
+                         stream.codec_context.width, stream.codec_context.name)
+
+
+def resample_indices(num_out: int, start: int, src_fps: float, fps: float | None) -> np.ndarray:
+    """[num_out] int64 source frame of each output frame: start + floor(k * src_fps / fps)."""
+    step = 1.0 if fps is None else src_fps / fps
+    return start + np.floor(np.arange(num_out) * step + 1e-6).astype(np.int64)
+
+
+def _resize(frame, size, mode: str) -> np.ndarray:
+    """av.VideoFrame -> uint8 [h, w, 3]; mode `crop` keeps aspect (cover + centre crop)."""
+    if size is None:
+        return frame.to_ndarray(format="rgb24")
+    h, w = size
+    if mode == "stretch":
+        return frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+    if mode != "crop":
+        raise ValueError(f"resize mode must be 'crop' or 'stretch', got {mode!r}")
+    scale = max(h / frame.height, w / frame.width)
+    sh, sw = max(h, round(frame.height * scale)), max(w, round(frame.width * scale))
+    rgb = frame.reformat(width=sw, height=sh, format="rgb24", interpolation="AREA").to_ndarray()
+    top, left = (sh - h) // 2, (sw - w) // 2
+    return rgb[top:top + h, left:left + w]
+
+
+def read_video(path: str, *, start: int = 0, num_frames: int | None = None,
+               fps: float | None = None, size: tuple[int, int] | None = None,
+               resize: str = "crop") -> np.ndarray:
+    """Decode frames as uint8 [T, H, W, 3].
+
+    start: first source frame (seeks to the keyframe before it, then decodes forward).
+    num_frames: output frames (after resampling to `fps`); None = as many as the file holds.
+    fps: output frame rate (None: the file's). size: (H, W) output; resize `crop` (keep aspect,
+    centre crop) or `stretch`. Raises VideoError `too_short` if the range runs past the end.
+    """
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        src_fps = _fps(stream)
+        try:
+            total = _count_frames(container, stream)
+            if num_frames is None:
+                step = 1.0 if fps is None else src_fps / fps
+                num_frames = max(0, math.ceil((total - start) / step - 1e-6))
+            want = resample_indices(num_frames, start, src_fps, fps)
+            if start < 0 or num_frames <= 0 or want[-1] >= total:
+                last = int(want[-1]) if num_frames > 0 else start
+                raise VideoError(path, "too_short", f"needs source frames {start}..{last}, "
+                                 f"file has {total}")
+            frames = _decode(container, stream, want, src_fps, size, resize)
+        except av.FFmpegError as e:
+            raise VideoError(path, "decode_error", str(e)) from None
+    if len(frames) < num_frames:
+        raise VideoError(path, "too_short", f"decoded {len(frames)} of {num_frames} frames "
+                         f"(stream ends early or is truncated)")
+    return np.stack(frames)
+
+
+def _decode(container, stream, want: np.ndarray, src_fps: float, size, resize) -> list:
+    """Decode the source frames in `want` (sorted, may repeat) after seeking near want[0]."""
+    base = stream.start_time or 0
+    tb = stream.time_base
+    seeked = want[0] > 0
+    if seeked:
+        container.seek(base + int(want[0] / src_fps / tb), stream=stream, backward=True,
+                       any_frame=False)
+    out, j, counter = [], 0, 0
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            if seeked:
+                raise VideoError(container.name, "decode_error", "frames carry no timestamps")
+            index, counter = counter, counter + 1
+        else:
+            index = round(float((frame.pts - base) * tb) * src_fps)
+        if index < want[j]:
+            continue
+        rgb = None
+        while j < len(want) and want[j] <= index:
+            rgb = _resize(frame, size, resize) if rgb is None else rgb
+            out.append(rgb)
+            j += 1
+        if j == len(want):
+            break
+    return out
+
+
+def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18,
+                preset: str = "veryfast", keyframe_interval: int | None = None) -> None:
+    """Encode uint8 [T, H, W, 3] frames (H, W even) to an H.264 mp4, written atomically.
+
+    crf: x264 quality (0 lossless .. 51); keyframe_interval: GOP length (None: x264's default).
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"{path}: frames must be uint8 [T, H, W, 3] with T > 0, "
+                         f"got {frames.dtype} {frames.shape}")
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"{path}: H.264 (yuv420p) needs even height and width, got {h}x{w}")
+    tmp = f"{path}.partial"
+    with av.open(tmp, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        options = {"crf": str(crf), "preset": preset}
+        if keyframe_interval:
+            options.update(g=str(keyframe_interval), keyint_min=str(keyframe_interval),
+                           sc_threshold="0")
+        stream.options = options
+        for rgb in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    os.replace(tmp, path)

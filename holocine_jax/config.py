@@ -42,13 +42,13 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     key, raw = text.split("=", 1)
     *parents, leaf = key.split(".")
     node = config
-    for i, part in enumerate(parents + [leaf]):
-        if part not in node:
-            where = ".".join(parents[:i]) or "config"
-            close = difflib.get_close_matches(part, list(node.keys()), n=3)
+    for depth, part in enumerate(parents + [leaf]):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(["config", *parents[:depth]])
+            close = difflib.get_close_matches(part, list(node.keys()) if hasattr(node, "keys") else [], n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise KeyError(f"override {item!r}: {where} has no key {part!r}{hint}")
-        if part != leaf or i < len(parents):
+        if depth < len(parents):
             node = node[part]
     node[leaf] = _parse_like(raw, node[leaf], key)
 

@@ -33,6 +33,14 @@ def forward(model, latents, timesteps, text):
     return np.asarray(nnx.jit(lambda m, x, t, s: m(x, t, s))(model, latents, timesteps, text))
 
 
+def assert_matches_torch(model, ref_model, config, fhw):
+    """Our model and a PyTorch WanTransformer3DModel give the same output on random inputs."""
+    latents, timesteps, text = inputs(config, fhw)
+    with torch.no_grad():
+        ref = torch_forward(ref_model, latents, timesteps, text).numpy()
+    assert_close(forward(model, latents, timesteps, text), ref)
+
+
 def assert_same_params(a, b):
     fa, fb = dict(nnx.to_flat_state(nnx.state(a, nnx.Param))), dict(nnx.to_flat_state(nnx.state(b, nnx.Param)))
     assert fa.keys() == fb.keys()
@@ -54,10 +62,7 @@ def model(config):
 def test_export_loads_in_diffusers_and_matches(model, config, tmp_path):
     out = save_diffusers(model, str(tmp_path / "exported"))
     ref_model = WanTransformer3DModel.from_pretrained(out).eval()
-    latents, timesteps, text = inputs(config, (3, 4, 6))
-    with torch.no_grad():
-        ref = torch_forward(ref_model, latents, timesteps, text).numpy()
-    assert_close(forward(model, latents, timesteps, text), ref)
+    assert_matches_torch(model, ref_model, config, (3, 4, 6))
     assert_same_params(load_diffusers(out, config), model)
 
 
@@ -69,10 +74,7 @@ def test_sharded_export_round_trips(model, config, tmp_path):
     assert len(shards) > 2 and all(f in files for f in shards)
     assert_same_params(load_diffusers(out, config), model)
     ref_model = WanTransformer3DModel.from_pretrained(out).eval()
-    latents, timesteps, text = inputs(config, (1, 4, 4))
-    with torch.no_grad():
-        ref = torch_forward(ref_model, latents, timesteps, text).numpy()
-    assert_close(forward(model, latents, timesteps, text), ref)
+    assert_matches_torch(model, ref_model, config, (1, 4, 4))
 
 
 def test_official_layout_round_trips_and_matches_diffusers_converter(model, config, tmp_path):
@@ -86,10 +88,7 @@ def test_official_layout_round_trips_and_matches_diffusers_converter(model, conf
     ref_model = WanTransformer3DModel(**{k: v for k, v in wan.diffusers_config(config.model).items()
                                          if not k.startswith("_")}).eval()
     ref_model.load_state_dict(converted, strict=True)
-    latents, timesteps, text = inputs(config, (3, 4, 4))
-    with torch.no_grad():
-        ref = torch_forward(ref_model, latents, timesteps, text).numpy()
-    assert_close(forward(model, latents, timesteps, text), ref)
+    assert_matches_torch(model, ref_model, config, (3, 4, 4))
 
 
 def test_official_prefixed_single_file(model, config, tmp_path):

@@ -1,31 +1,75 @@
-"""The one entry point for attention in the model.
+"""The one entry point for attention in the model (DESIGN §5, §15).
 
 Every attention call site in `model/` goes through `shot_attention` (video self-attention) or
-`cross_attention` (video -> text). The choice of executor lives here and nowhere else.
+`cross_attention` (video -> text). The choice of executor lives here and nowhere else:
+
+- `layout=None`: one shot covering the film, plain attention (`jax.nn.dot_product_attention`).
+- impl "reference": dense masks from the ShotLayout predicates (tests, tiny shapes).
+- impl "xla": the block plan + blocked XLA executor (every backend; the CPU default).
+- impl "auto": `full` mode -> `jax.nn.dot_product_attention` (no mask needed, fused kernels
+  where the backend has them); `sparse` / `independent` -> "xla".
+- impl "pallas": the Pallas TPU/GPU kernels of DESIGN §5 (issue 5) are not part of this build.
 """
 from __future__ import annotations
 
 import jax
 
+from holocine_jax.attention.plan import make_plan
+from holocine_jax.attention.reference import shot_attention_reference
+from holocine_jax.attention.xla import shot_attention_xla
+from holocine_jax.shots import SELF_ATTENTION_MODES
+
+IMPLS = ("auto", "reference", "xla", "pallas")
+BLOCK_Q = 128   # config: attention.block_q
+BLOCK_KV = 128  # config: attention.block_kv
+
 
 def shot_attention(q, k, v, layout=None, *, mode="sparse", impl="auto",
-                   summary_self_weight=2.0, interpret=False):
+                   summary_self_weight=2.0, interpret=False, block_q=BLOCK_Q, block_kv=BLOCK_KV):
     """Self-attention over the concatenated film.
 
     q, k, v: [B, L, H, D] with L = num_latent_frames * h * w. Returns [B, L, H, D].
-    `layout=None` means one shot covering the film: plain full attention (Wan).
+    layout: ShotLayout, batched (leading B) or unbatched (broadcast); None = plain attention.
+    mode: sparse (HoloCine) | full (HoloCine-Full) | independent (shots do not see each other).
+    summary_self_weight: log(w) bias on own-shot summary keys in sparse mode (2.0 = released
+    checkpoints, 1.0 = clean mask). `interpret` is for the Pallas kernels only.
+    Blocks are clipped to L, so short sequences run as a single block pair.
     """
-    del mode, impl, summary_self_weight, interpret
-    if layout is not None:
-        raise ValueError("shot layouts are not supported by this build of the attention dispatch")
-    return jax.nn.dot_product_attention(q, k, v)
+    if mode not in SELF_ATTENTION_MODES:
+        raise ValueError(f"attention mode {mode!r} is not one of {SELF_ATTENTION_MODES}")
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    del interpret
+    if layout is None:
+        return jax.nn.dot_product_attention(q, k, v)
+    if impl == "pallas":
+        raise ValueError("impl='pallas' is not available in this build (the Pallas kernels of "
+                         "DESIGN §5 are tracked in issue 5); use impl='xla' or 'auto'")
+    b, length = q.shape[:2]
+    if layout.num_tokens != length:
+        raise ValueError(f"sequence length {length} != layout tokens {layout.num_tokens} "
+                         f"({layout.num_latent_frames} frames x {layout.tokens_per_frame})")
+    layout = layout.broadcast_to_batch(b)
+    if impl == "auto" and mode == "full":
+        return jax.nn.dot_product_attention(q, k, v)
+    if impl == "reference":
+        return shot_attention_reference(q, k, v, layout, mode=mode,
+                                         summary_self_weight=summary_self_weight)
+    plan = make_plan(layout, mode=mode, block_q=min(block_q, length),
+                     block_kv=min(block_kv, length))
+    return shot_attention_xla(q, k, v, plan, summary_self_weight=summary_self_weight)
 
 
 def cross_attention(q, k, v, layout=None):
     """Video -> text attention. q: [B, L, H, D]; k, v: [B, Lt, H, D]. Returns [B, L, H, D].
 
-    `layout=None` (or a layout without text windows) means every token sees all text.
+    `layout=None` (or a layout without text windows) means every token sees all text. With
+    windows: a dense boolean mask from the window predicate (ShotLayout.cross_attention_mask);
+    `jax.nn.dot_product_attention` gives disallowed pairs exactly zero weight, which equals the
+    official additive -1e4 to float32 precision since every video token sees the global window.
     """
-    if layout is not None:
-        raise ValueError("text windows are not supported by this build of the attention dispatch")
-    return jax.nn.dot_product_attention(q, k, v)
+    if layout is None:
+        return jax.nn.dot_product_attention(q, k, v)
+    layout = layout.broadcast_to_batch(q.shape[0])
+    mask = layout.cross_attention_mask(k.shape[1])[:, None]  # [B, 1, L, Lt]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)

@@ -7,8 +7,9 @@
 Frame indices are source frames of the file. Resampling to `fps` picks, for output frame k, the
 source frame `start + floor(k * src_fps / fps)` (nearest previous frame; `resample_indices`).
 Every failure raises `VideoError` with the file and a short machine-readable `reason`
-(`missing`, `empty`, `unreadable`, `no_video_stream`, `decode_error`, `too_short`), which the
-dataset build counts per reason.
+(`missing`, `empty`, `not_video`, `corrupt`, `no_video_stream`, `decode_error`, `too_short`),
+which the dataset build counts per reason. `corrupt`: a video container's signature (mp4, mkv/webm,
+avi, ogg, flv) that FFmpeg cannot open, e.g. a truncated mp4; `not_video`: anything else.
 """
 from __future__ import annotations
 
@@ -20,7 +21,16 @@ from fractions import Fraction
 import av
 import numpy as np
 
-REASONS = ("missing", "empty", "unreadable", "no_video_stream", "decode_error", "too_short")
+REASONS = ("missing", "empty", "not_video", "corrupt", "no_video_stream", "decode_error",
+           "too_short")
+
+
+def _has_video_signature(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return (head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide")
+            or head[:4] in (b"\x1aE\xdf\xa3", b"OggS") or head[:3] == b"FLV"
+            or (head[:4] == b"RIFF" and head[8:12] == b"AVI "))
 
 
 class VideoError(Exception):
@@ -49,7 +59,8 @@ def _open(path: str):
     try:
         container = av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
-        raise VideoError(path, "unreadable", str(e)) from None
+        reason = "corrupt" if _has_video_signature(path) else "not_video"
+        raise VideoError(path, reason, str(e)) from None
     if not container.streams.video:
         container.close()
         raise VideoError(path, "no_video_stream")
@@ -171,6 +182,8 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18,
     """Encode uint8 [T, H, W, 3] frames (H, W even) to an H.264 mp4, written atomically.
 
     crf: x264 quality (0 lossless .. 51); keyframe_interval: GOP length (None: x264's default).
+    Encodes of the same frames are usually, not always, byte-identical (x264/FFmpeg internals);
+    decoded pixels then differ by a few levels at most.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
@@ -188,7 +201,11 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18,
             options.update(g=str(keyframe_interval), keyint_min=str(keyframe_interval),
                            sc_threshold="0")
         stream.options = options
-        for rgb in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        # Convert up front and keep every frame alive until the flush: x264 holds frames in its
+        # lookahead, and frames freed early made encodes of the same pixels differ.
+        yuv = [av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+               for rgb in frames]
+        for frame in yuv:
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
     os.replace(tmp, path)

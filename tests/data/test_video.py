@@ -121,8 +121,24 @@ def test_errors_name_file_and_reason(tmp_path, stamped):
     (tmp_path / "text.mp4").write_text("this is not a video\n" * 50)
     with pytest.raises(VideoError) as e:
         read_video(str(tmp_path / "text.mp4"))
-    assert e.value.reason == "unreadable"
+    assert e.value.reason == "not_video"
+    data = open(path, "rb").read()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # moov atom (at the end) is lost
+    with pytest.raises(VideoError) as e:
+        read_video(str(tmp_path / "cut.mp4"))
+    assert e.value.reason == "corrupt"
     with pytest.raises(ValueError, match="even"):
         write_video(str(tmp_path / "odd.mp4"), np.zeros((2, 63, 64, 3), np.uint8), fps=8)
     with pytest.raises(ValueError, match="uint8"):
         write_video(str(tmp_path / "f.mp4"), np.zeros((2, 64, 64, 3), np.float32), fps=8)
+
+
+
+def test_encoding_same_frames_decodes_alike(tmp_path):
+    frames, _ = syn.make_film(3_000_000, num_frames=33, shot_range=(2, 4))
+    decoded = []
+    for k in range(3):
+        write_video(str(tmp_path / f"{k}.mp4"), frames, fps=8)
+        decoded.append(read_video(str(tmp_path / f"{k}.mp4")).astype(np.int16))
+    for d in decoded[1:]:
+        assert np.abs(d - decoded[0]).mean() < 0.5

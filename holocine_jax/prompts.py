@@ -136,7 +136,7 @@ def text_windows(prompt: str, tokenizer, *, num_shots=None, text_len=TEXT_LEN,
     if len(offsets) > text_len:
         over = len(offsets) - text_len
         if not truncate:
-            # the first caption token lost (text_len - 1 on: a truncating tokenizer keeps its `</s>`)
+            # first caption token lost (from text_len - 1: truncation keeps the `</s>`)
             cut = next((o for o in owner[text_len - 1:] if o >= -1), -2)
             where = {-2: "no caption", -1: "the global caption"}.get(cut, f"shot {cut}'s caption")
             raise ValueError(f"the prompt has {len(offsets)} tokens, {over} more than "

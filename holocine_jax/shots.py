@@ -132,7 +132,8 @@ class ShotLayout:
         cuts = [int(c) for c in latent_cuts]
         for i, c in enumerate(cuts):
             if not 1 <= c < f:
-                raise ValueError(f"latent cut {c} is out of range [1, {f - 1}] for {f} latent frames")
+                raise ValueError(f"latent cut {c} is out of range [1, {f - 1}] for {f} latent "
+                                 "frames")
             if i and c <= cuts[i - 1]:
                 raise ValueError(f"latent cuts must increase: {c} follows {cuts[i - 1]}")
         n = len(cuts) + 1

@@ -19,6 +19,7 @@ CORPUS = [
     "Wide shot: the full glass, the character smiles. A dog runs; a cat sits.",
     "[global caption] [per shot caption] [shot cut] This scene contains 2 3 4 5 shots.",
 ]
+SPECIALS = ["<pad>", "</s>", "<unk>"]
 CAPTIONS = [
     ("A bright kitchen with a round red character.",
      ["Medium shot of the character entering from the left.", "Close-up of an empty glass.",
@@ -31,7 +32,8 @@ CAPTIONS = [
 
 def _with_eos(tok):
     eos = tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                       special_tokens=[("</s>", eos)])
     return tok
 
 
@@ -41,14 +43,14 @@ def unigram_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(CORPUS * 4, trainers.UnigramTrainer(
-        vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+        vocab_size=150, special_tokens=SPECIALS, unk_token="<unk>"))
     return _with_eos(tok)
 
 
 def word_tokenizer():
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=SPECIALS))
     return _with_eos(tok)
 
 
@@ -56,9 +58,10 @@ def bpe_as_transformers():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+        vocab_size=300, special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=_with_eos(tok), pad_token="<pad>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=_with_eos(tok), pad_token="<pad>",
+                                   eos_token="</s>")
 
 
 def official_mask(prompt, offsets, text_len):
@@ -134,7 +137,8 @@ def test_build_and_parse_round_trip():
         got_glob, got_shots = parse_prompt(prompt)
         assert got_shots == shots
         assert got_glob == re.sub(r"\s*This scene contains \d+ shots\.$", "", glob)
-    assert parse_prompt("[global caption]  a  b [per shot caption] c [shot cut]d") == ("a b", ["c", "d"])
+    messy = "[global caption]  a  b [per shot caption] c [shot cut]d"
+    assert parse_prompt(messy) == ("a b", ["c", "d"])
 
 
 def test_errors():

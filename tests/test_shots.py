@@ -17,7 +17,9 @@ def test_frame_arithmetic_follows_the_4t_plus_1_rules():
     for j in range(1, 60):
         assert pixel_to_latent_cut(latent_to_pixel_cut(j)) == j
         assert latent_to_pixel_cut(j) == 4 * j - 3
-    assert [snap_4t_plus_1(n) for n in (240, 241, 242, 243, 247, 36, 38)] == [241, 241, 241, 241, 249, 37, 37]  # Python rounds half to even
+    # Python rounds half to even: 243 -> 241, 247 -> 249.
+    snapped = [snap_4t_plus_1(n) for n in (240, 241, 242, 243, 247, 36, 38)]
+    assert snapped == [241, 241, 241, 241, 249, 37, 37]
     with pytest.raises(ValueError, match="num_frames=240"):
         latent_num_frames(240)
 
@@ -57,7 +59,8 @@ def test_summary_frames_and_single_shot():
     np.testing.assert_array_equal(layout.frame_is_summary(), [1, 1, 0, 1, 1, 0, 0, 1, 1])
     single = ShotLayout.from_latent_cuts(5, [], latent_hw=(1, 2), max_shots=2)
     np.testing.assert_array_equal(single.token_shot_id(), np.zeros(10))
-    assert single.self_attention_mask("sparse").all() and single.self_attention_mask("independent").all()
+    assert single.self_attention_mask("sparse").all()
+    assert single.self_attention_mask("independent").all()
 
 
 def test_self_attention_predicates_against_loops():

@@ -2,9 +2,9 @@
 
 Forward: all q blocks advance together through their lists of active kv blocks (a while loop of
 max(kv_count) steps, dynamic): gather the kv blocks, recompute the mask of each block pair from
-per-token shot ids, online softmax in float32. Backward (custom VJP): dQ in the same row loop,
-dK/dV in a loop over the transposed lists, both from the saved log-sum-exp (FlashAttention-2
-style). Live memory per step is O(B * L * H * block) — never O(L^2).
+per-token shot ids, online softmax in float32. Backward (custom VJP): the same row loop from the
+saved log-sum-exp (FlashAttention-2 style) computes dQ and scatter-adds dK/dV into their kv
+blocks. Live memory per step is O(B * L * H * block) — never O(L^2).
 """
 from __future__ import annotations
 
@@ -46,11 +46,10 @@ def _logits(qb, kb, sq, sk, mk, ok, plan, log_w, scale):
     return jnp.where(allowed[:, :, None], s, -jnp.inf)
 
 
-def _slot(plan, j, q_major):
-    """Block ids and validity of slot j of every row ([B, n] each)."""
-    index, count = (plan.kv_index, plan.kv_count) if q_major else (plan.q_index, plan.q_count)
-    j_safe = jnp.minimum(j, index.shape[-1] - 1)
-    return index[:, :, j_safe], j < count
+def _slot(plan, j):
+    """Kv block ids and validity of slot j of every q block ([B, nq] each)."""
+    j_safe = jnp.minimum(j, plan.kv_index.shape[-1] - 1)
+    return plan.kv_index[:, :, j_safe], j < plan.kv_count
 
 
 def _forward(q, k, v, plan, log_w):
@@ -64,7 +63,7 @@ def _forward(q, k, v, plan, log_w):
 
     def body(carry):
         j, m, l, acc = carry
-        idx, ok = _slot(plan, j, True)
+        idx, ok = _slot(plan, j)
         s = _logits(qb, _gather(kb, idx), sq, _gather(sk, idx), _gather(mk, idx), ok, plan,
                     log_w, scale)
         m_new = jnp.maximum(m, s.max(-1))
@@ -87,7 +86,11 @@ def _forward(q, k, v, plan, log_w):
 
 
 def _backward(q, k, v, out, lse, plan, log_w, do):
-    """dq, dk, dv of `_forward` from the saved lse (two passes: rows, then columns)."""
+    """dq, dk, dv of `_forward` from the saved lse, in one pass over the q-block rows.
+
+    dK/dV of each step are scatter-added into their kv blocks: summary kv blocks are active for
+    every q block, so a column-major pass (the transposed lists) would step nq times — dense.
+    """
     b, length, h, d = q.shape
     nq, nk = plan.kv_index.shape[1], plan.q_index.shape[1]
     bq, bk, scale = plan.block_q, plan.block_kv, 1.0 / math.sqrt(d)
@@ -97,43 +100,29 @@ def _backward(q, k, v, out, lse, plan, log_w, do):
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing have p = 0 anyway
     sq = plan.q_shot.reshape(b, nq, bq)
     sk, mk = plan.k_shot.reshape(b, nk, bk), plan.k_summary.reshape(b, nk, bk)
+    batch = jnp.arange(b)[:, None]
 
-    def ds_and_p(qx, kx, vx, dox, sqx, skx, mkx, ok, lsex, deltax):
-        s = _logits(qx, kx, sqx, skx, mkx, ok, plan, log_w, scale)
-        p = jnp.exp(s - lsex[..., None])
-        dp = jnp.einsum("bnqhd,bnkhd->bnhqk", dox, vx, preferred_element_type=_F32)
-        return p * (dp - deltax[..., None]), p
-
-    def dq_body(carry):
-        j, dq = carry
-        idx, ok = _slot(plan, j, True)
-        kx = _gather(kb, idx)
-        ds, _ = ds_and_p(qb, kx, _gather(vb, idx), dob, sq, _gather(sk, idx), _gather(mk, idx),
-                         ok, lse, delta)
-        return j + 1, dq + jnp.einsum("bnhqk,bnkhd->bnqhd", ds.astype(k.dtype), kx,
-                                      preferred_element_type=_F32)
-
-    def dkv_body(carry):
-        j, dk, dv = carry
-        idx, ok = _slot(plan, j, False)
-        qx, dox = _gather(qb, idx), _gather(dob, idx)
-        ds, p = ds_and_p(qx, kb, vb, dox, _gather(sq, idx), sk, mk, ok, _gather(lse, idx),
-                         _gather(delta, idx))
-        dv = dv + jnp.einsum("bnhqk,bnqhd->bnkhd", p.astype(do.dtype), dox,
+    def body(carry):
+        j, dq, dk, dv = carry
+        idx, ok = _slot(plan, j)
+        kx, vx = _gather(kb, idx), _gather(vb, idx)
+        s = _logits(qb, kx, sq, _gather(sk, idx), _gather(mk, idx), ok, plan, log_w, scale)
+        p = jnp.exp(s - lse[..., None])
+        dp = jnp.einsum("bnqhd,bnkhd->bnhqk", dob, vx, preferred_element_type=_F32)
+        ds = p * (dp - delta[..., None])
+        dq = dq + jnp.einsum("bnhqk,bnkhd->bnqhd", ds.astype(k.dtype), kx,
                              preferred_element_type=_F32)
-        dk = dk + jnp.einsum("bnhqk,bnqhd->bnkhd", ds.astype(q.dtype), qx,
-                             preferred_element_type=_F32)
-        return j + 1, dk, dv
+        dv_j = jnp.einsum("bnhqk,bnqhd->bnkhd", p.astype(do.dtype), dob, preferred_element_type=_F32)
+        dk_j = jnp.einsum("bnhqk,bnqhd->bnkhd", ds.astype(q.dtype), qb, preferred_element_type=_F32)
+        return j + 1, dq, dk.at[batch, idx].add(dk_j), dv.at[batch, idx].add(dv_j)
 
-    rows, cols = plan.kv_count.max(), plan.q_count.max()
-    _, dq = jax.lax.while_loop(lambda c: c[0] < rows, dq_body,
-                               (jnp.int32(0), jnp.zeros(qb.shape, _F32)))
     zeros_kv = jnp.zeros(kb.shape, _F32)
-    _, dk, dv = jax.lax.while_loop(lambda c: c[0] < cols, dkv_body,
-                                   (jnp.int32(0), zeros_kv, zeros_kv))
+    init = (jnp.int32(0), jnp.zeros(qb.shape, _F32), zeros_kv, zeros_kv)
+    steps = plan.kv_count.max()
+    _, dq, dk, dv = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
 
     def unblock(x, n, block, like):
-        return (x.reshape(b, n * block, h, d)[:, :length] * 1.0).astype(like.dtype)
+        return x.reshape(b, n * block, h, d)[:, :length].astype(like.dtype)
 
     return (unblock(dq * scale, nq, bq, q), unblock(dk * scale, nk, bk, k),
             unblock(dv, nk, bk, v))

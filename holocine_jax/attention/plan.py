@@ -3,8 +3,10 @@
 The sequence is cut into q blocks of `block_q` and kv blocks of `block_kv` tokens (the last block
 of each is padded; padding tokens get shot id -1 and allow nothing). For each q block the plan
 lists its active kv blocks (at least one allowed pair), each flagged *full* (every pair allowed:
-the elementwise mask may be skipped) or partial, padded to a static bound; the transposed lists
-(active q blocks per kv block) drive the dK/dV pass.
+the elementwise mask may be skipped) or partial, padded to a static bound. The transposed lists
+(active q blocks per kv block) serve dK/dV kernels that iterate per kv block; the XLA executor
+scatter-adds instead, since summary kv blocks are active in every row and make columns dense.
+The log(summary_self_weight) bias is not part of the flags: executors add it from the shot ids.
 
 Work is O(L) for per-block summaries plus O(nq * nk) block pairs; no [L, L] tensor exists.
 Active and full flags are exact: derived from per-block shot ranges, which is sound because

@@ -1,0 +1,124 @@
+"""Sparse shot attention (blocked XLA executor) vs dense masked attention, forward and fwd+bwd.
+
+    python benchmarks/shot_attention.py [--frames 64 --hw 16 --heads 1 --head-dim 64]
+        [--shots 2,4,8] [--block 256] [--repeats 2] [--out benchmarks/results/shot_attention.json]
+
+Default: L = 64 latent frames x 16x16 tokens = 16384, evenly spaced shots (`even_cuts`), float32,
+B = 1. Dense baseline: `jax.nn.dot_product_attention` with the [L, L] bool mask (built outside
+the timed program). Columns: `flop` = allowed pairs / L^2 (the ratio the mask allows), `exec` =
+pairs the executor computes / L^2 (block padding + all rows stepping max(kv_count) times), time
+ratio sparse/dense, and `goal` = whether time ratio <= 1.25 x flop ratio. Peak memory is
+arguments + outputs + temporaries from `compiled.memory_analysis()`. Repeats alternate between
+the two programs so that load from other processes hits both alike; the minimum is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from holocine_jax.attention import shot_attention
+from holocine_jax.attention.plan import make_plan
+from holocine_jax.shots import ShotLayout, even_cuts
+
+
+def programs(layout, mask, block):
+    """{(impl, pass): jitted fn(q, k, v, layout, mask)}."""
+    def sparse(q, k, v, layout, mask):
+        return shot_attention(q, k, v, layout, impl="xla", block_q=block, block_kv=block)
+
+    def dense(q, k, v, layout, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+    def with_grad(fn):
+        def step(q, k, v, layout, mask):
+            loss = lambda q, k, v: jnp.sum(fn(q, k, v, layout, mask).astype(jnp.float32) ** 2)
+            return jax.grad(loss, (0, 1, 2))(q, k, v)
+        return step
+
+    return {("xla", "fwd"): sparse, ("dense", "fwd"): dense,
+            ("xla", "fwd+bwd"): with_grad(sparse), ("dense", "fwd+bwd"): with_grad(dense)}
+
+
+def peak_bytes(compiled):
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+
+
+def run_case(shots, args, rng):
+    frames, hw = args.frames, (args.hw, args.hw)
+    num_frames = 4 * (frames - 1) + 1
+    layout = ShotLayout.stack([ShotLayout.from_cuts(num_frames, even_cuts(num_frames, shots),
+                                                    latent_hw=hw, max_shots=max(args.shots))])
+    length = layout.num_tokens
+    allowed = layout.self_attention_mask("sparse")
+    mask = allowed[:, None]  # [B, 1, L, L]
+    plan = jax.jit(lambda l: make_plan(l, mode="sparse", block_q=args.block,
+                                       block_kv=args.block))(layout)
+    executed = (plan.kv_index.shape[1] * int(plan.kv_count.max()) * args.block ** 2) / length ** 2
+    flop = float(allowed.mean())
+    q, k, v = (jnp.asarray(rng.standard_normal((1, length, args.heads, args.head_dim)), jnp.float32)
+               for _ in range(3))
+    inputs = (q, k, v, layout, mask)
+    rows = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        res = {}
+        for impl in ("xla", "dense"):
+            fn = programs(layout, mask, args.block)[(impl, pass_)]
+            compiled = jax.jit(fn).lower(*inputs).compile()
+            jax.block_until_ready(compiled(*inputs))
+            res[impl] = dict(compiled=compiled, times=[], peak=peak_bytes(compiled))
+        for _ in range(args.repeats):
+            for impl in ("xla", "dense"):
+                t0 = time.perf_counter()
+                jax.block_until_ready(res[impl]["compiled"](*inputs))
+                res[impl]["times"].append(time.perf_counter() - t0)
+        t_sparse, t_dense = min(res["xla"]["times"]), min(res["dense"]["times"])
+        ratio = t_sparse / t_dense
+        rows.append(dict(shots=shots, tokens=length, pass_=pass_, xla_s=t_sparse, dense_s=t_dense,
+                         time_ratio=ratio, flop_ratio=flop, executed_ratio=executed,
+                         goal_met=bool(ratio <= 1.25 * flop),
+                         xla_peak_mb=_mb(res["xla"]["peak"]), dense_peak_mb=_mb(res["dense"]["peak"])))
+    return rows
+
+
+def _mb(x):
+    return None if x is None else round(x / 2**20, 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--hw", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
+    parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/shot_attention.json")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    rows = [r for shots in args.shots for r in run_case(shots, args, rng)]
+    head = (f"{'shots':>5} {'L':>6} {'pass':>8} {'xla s':>8} {'dense s':>8} {'time':>6} {'flop':>6} "
+            f"{'exec':>6} {'goal':>5} {'xla MB':>8} {'dense MB':>9}")
+    print(head)
+    for r in rows:
+        print(f"{r['shots']:>5} {r['tokens']:>6} {r['pass_']:>8} {r['xla_s']:>8.3f} {r['dense_s']:>8.3f} "
+              f"{r['time_ratio']:>6.3f} {r['flop_ratio']:>6.3f} {r['executed_ratio']:>6.3f} "
+              f"{str(r['goal_met']):>5} {r['xla_peak_mb']:>8} {r['dense_peak_mb']:>9}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                   "args": vars(args), "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

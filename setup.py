@@ -20,6 +20,11 @@ setup(
         "numpy>=1.26",
         "clu>=0.0.12",
         "tqdm>=4.66",
+        "av>=14",                        # PyAV: video decode / H.264 encode
+        "tensorflow-datasets>=4.9.9",    # TFDS builders writing ArrayRecord (no TensorFlow needed)
+        "array_record>=0.8",
+        "importlib_resources>=6",
+        "grain>=0.2.18",
     ],
     extras_require={
         # Independent PyTorch references for the parity tests. torch itself is installed on the

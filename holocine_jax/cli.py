@@ -1,4 +1,4 @@
-"""`holocine-jax` command line: demo | import | export.
+"""`holocine-jax` command line: demo | import | export | data.
 
 Every command takes `--config NAME|PATH` and `--config.key=value` overrides, and prints a
 one-line summary of what it wrote.
@@ -60,6 +60,19 @@ def cmd_demo(args, overrides) -> str:
             f"({time.perf_counter() - start:.1f}s); metrics in {path}")
 
 
+def cmd_data(args, overrides) -> str:
+    from holocine_jax.data.dataset import build_dataset, write_synthetic_dataset
+
+    config = load_config(args.config, overrides)
+    if args.data_command == "synthetic":
+        report = write_synthetic_dataset(args.out, args.num_films, args.seed, config)
+    else:
+        report = build_dataset(args.manifest, args.out, config, strict=args.strict)
+    skipped = sum(report["skipped"].values())
+    return (f"built {report['examples']} examples, skipped {skipped} "
+            f"{dict(report['skipped']) if skipped else ''}-> {report['data_dir']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holocine-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", choices=("high", "low"),
                    help="A14B: write into transformer/ (high) or transformer_2/ (low)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="tensor dtype to write")
+
+    p = command("data", cmd_data, "write datasets: the synthetic world or a JSONL manifest")
+    data = p.add_subparsers(dest="data_command", required=True)
+    q = data.add_parser("synthetic", help="render N synthetic multi-shot films into a dataset")
+    q.add_argument("--num-films", type=int, required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--seed", type=int, default=0)
+    q = data.add_parser("build", help="JSONL manifest of videos -> TFDS (ArrayRecord) dataset")
+    q.add_argument("--manifest", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--strict", action="store_true", help="fail on the first bad input instead of skipping")
     return parser
 
 

@@ -91,4 +91,22 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         scheduler="euler", num_steps=sampling["num_steps"], shift=sampling["shift"],
         guidance_scale=sampling["guidance_scale"], negative_prompt=WAN_NEGATIVE_PROMPT))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
+    # Sections owned by the packages that read them (text/, vae/, data/, train/, eval/).
+    c.text = ml_collections.ConfigDict(dict(
+        path="",                  # local transformers-layout UMT5 directory (weights + tokenizer)
+        d_model=c.model.text_dim, # UMT5-XXL: 4096
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        path="",                  # TFDS/ArrayRecord dataset directory (`holocine-jax data ...`)
+        shuffle_seed=0,
+        num_workers=0,            # Grain worker processes (0: decode in the main process)
+        prefetch=2,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=10_000, batch_size=1, learning_rate=1e-5, warmup_steps=100, schedule="constant",
+        weight_decay=0.01, grad_clip=1.0, grad_accum=1, ema_decay=0.0,
+        timesteps="holocine",     # holocine (DiffSynth schedule + weights) | uniform | logit_normal
+        log_every=10, checkpoint_every=500, keep_checkpoints=3,
+    ))
+    c.eval = ml_collections.ConfigDict(dict(cut_tolerance=2, num_films=8))
     return c

@@ -22,6 +22,7 @@ class WanAttention(nnx.Module):
         self.num_heads = num_heads
         self.mode, self.impl = attention.mode, attention.impl
         self.summary_self_weight = attention.summary_self_weight
+        self.block_q, self.block_kv = attention.block_q, attention.block_kv
         self.to_q = dense(dim, dim, ("embed", "heads"), **kw)
         self.to_k = dense(dim, dim, ("embed", "heads"), **kw)
         self.to_v = dense(dim, dim, ("embed", "heads"), **kw)
@@ -43,7 +44,8 @@ class WanAttention(nnx.Module):
         if context is None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             out = shot_attention(q, k, v, layout, mode=self.mode, impl=self.impl,
-                                 summary_self_weight=self.summary_self_weight)
+                                 summary_self_weight=self.summary_self_weight,
+                                 block_q=self.block_q, block_kv=self.block_kv)
         else:
             out = cross_attention(q, k, v, layout)
         return self.to_out[0](out.reshape(x.shape[0], x.shape[1], -1))

@@ -17,20 +17,26 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def _axis_angles(size: int, dim: int, theta: float) -> np.ndarray:
-    """[size, dim // 2] float64 angles: position * theta^(-2i/dim)."""
+def _axis_angles(positions, dim: int, theta: float) -> np.ndarray:
+    """[len(positions), dim // 2] float64 angles: position * theta^(-2i/dim)."""
     freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    return np.outer(np.arange(size, dtype=np.float64), freqs)
+    return np.outer(np.asarray(positions, dtype=np.float64), freqs)
 
 
-def rope_tables(head_dim: int, grid: tuple[int, int, int], theta: float = 10000.0):
+def rope_tables(head_dim: int, grid: tuple[int, int, int], theta: float = 10000.0,
+                frame_positions=None):
     """cos, sin: [F*h*w, head_dim // 2] float32 for the token grid (F, h, w) in (f, y, x) order.
 
-    cos/sin are evaluated per axis in float64 (small tables) and broadcast over the grid, so a
-    95k-token film embeds kilobytes of constants, not an [L, D/2] table.
+    frame_positions: [F] static frame positions (`ShotLayout.rope_frame_positions()`; default
+    0..F-1). cos/sin are evaluated per axis in float64 (small tables) and broadcast over the
+    grid, so a 95k-token film embeds kilobytes of constants, not an [L, D/2] table.
     """
     f, h, w = grid
-    angles = [_axis_angles(n, d, theta) for n, d in zip(grid, rope_split(head_dim))]
+    frames = np.arange(f) if frame_positions is None else np.asarray(frame_positions)
+    if frames.shape != (f,):
+        raise ValueError(f"frame_positions has shape {frames.shape}, expected ({f},)")
+    angles = [_axis_angles(p, d, theta)
+              for p, d in zip((frames, np.arange(h), np.arange(w)), rope_split(head_dim))]
     shapes = [(f, 1, 1, -1), (1, h, 1, -1), (1, 1, w, -1)]
 
     def table(fn):

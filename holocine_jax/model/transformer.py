@@ -78,9 +78,15 @@ class WanDiT(nnx.Module):
         """
         b = latents.shape[0]
         grid = self.token_grid(latents.shape)
+        if layout is not None and (layout.num_latent_frames, layout.tokens_per_frame) != (
+                grid[0], grid[1] * grid[2]):
+            raise ValueError(f"the layout is for {layout.num_latent_frames} latent frames x "
+                             f"{layout.tokens_per_frame} tokens but the latents give {grid[0]} x "
+                             f"{grid[1] * grid[2]} (token grid {grid})")
         x = self.patch_embedding(latents.astype(self.dtype)).reshape(b, -1, self.patch_embedding.out_features)
         temb, t_mod, context = self.condition_embedder(timesteps, text_states.astype(self.dtype))
-        rope = rope_tables(self.head_dim, grid, self.rope_theta)
+        frames = None if layout is None else layout.rope_frame_positions()
+        rope = rope_tables(self.head_dim, grid, self.rope_theta, frames)
         x = self._run_blocks(x.astype(jnp.float32), context, t_mod, rope, layout)
         shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32) + temb[:, None], 2, axis=1)
         x = self.proj_out((self.norm_out(x) * (1 + scale) + shift).astype(self.dtype))

@@ -16,9 +16,34 @@ WAN_MODELS = {
 }
 
 # Wan VAEs: latent channels and (t, h, w) stride. 2.1: z16 4x8x8; 2.2 (TI2V-5B): z48 4x16x16.
+# Architecture keys as diffusers' AutoencoderKLWan config (official vae2_1.py / vae2_2.py).
+_VAE_COMMON = dict(dim_mult=(1, 2, 4, 4), num_res_blocks=2, temperal_downsample=(False, True, True))
 WAN_VAES = {
-    "2.1": dict(z_dim=16, stride=(4, 8, 8)),
-    "2.2": dict(z_dim=48, stride=(4, 16, 16)),
+    "2.1": dict(z_dim=16, stride=(4, 8, 8), base_dim=96, decoder_base_dim=96, is_residual=False,
+                patch_size=1, in_channels=3, out_channels=3, **_VAE_COMMON),
+    "2.2": dict(z_dim=48, stride=(4, 16, 16), base_dim=160, decoder_base_dim=256, is_residual=True,
+                patch_size=2, in_channels=12, out_channels=12, **_VAE_COMMON),
+}
+# Per-channel latent statistics: normalised = (z - mean) / std (Wan2_1_VAE / Wan2_2_VAE `scale`).
+WAN_VAE_LATENTS = {
+    "2.1": dict(
+        latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
+        latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)),
+    "2.2": dict(
+        latents_mean=(-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+                      -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+                      -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+                      -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+                      -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+                      0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667),
+        latents_std=(0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+                     0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+                     0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+                     0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+                     0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)),
 }
 
 # Official Wan sampling defaults (wan/configs): steps, shift, guidance, frames, fps, size.
@@ -73,7 +98,10 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
     c.name = size
     c.seed = 0
     c.model = model_config(size)
-    c.vae = ml_collections.ConfigDict(dict(version=vae, **WAN_VAES[vae]))
+    c.vae = ml_collections.ConfigDict(dict(
+        kind="wan",               # wan (the real VAE from `path`) | dct (tiny analytic autoencoder)
+        path="",                  # diffusers AutoencoderKLWan folder, or official safetensors file
+        version=vae, **WAN_VAES[vae], **WAN_VAE_LATENTS[vae]))
     c.attention = ml_collections.ConfigDict(dict(
         mode="sparse",            # sparse (HoloCine) | full (HoloCine-Full) | independent
         impl="auto",              # auto | reference | xla | pallas
@@ -89,7 +117,12 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
     c.experts = ml_collections.ConfigDict(dict(names=(), boundary=sampling.get("boundary", 0.0)))
     c.sample = ml_collections.ConfigDict(dict(
         scheduler="euler", num_steps=sampling["num_steps"], shift=sampling["shift"],
-        guidance_scale=sampling["guidance_scale"], negative_prompt=WAN_NEGATIVE_PROMPT))
+        guidance_scale=sampling["guidance_scale"], negative_prompt=WAN_NEGATIVE_PROMPT,
+        order=2,                  # unipc: solver order 1-3
+        unipc_grid="diffusers",   # unipc sigmas: diffusers (flow_shift) | wan (official grid)
+        batch_size=1,             # films denoised together (same frame count, any cuts)
+        seed=0,                   # film i of a prompt file gets seed + i unless it names one
+        contact_columns=6))       # contact sheet thumbnails per shot
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
     # Sections owned by the packages that read them (text/, vae/, data/, train/, eval/).
     c.text = ml_collections.ConfigDict(dict(
@@ -108,5 +141,9 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         timesteps="holocine",     # holocine (DiffSynth schedule + weights) | uniform | logit_normal
         log_every=10, checkpoint_every=500, keep_checkpoints=3,
     ))
-    c.eval = ml_collections.ConfigDict(dict(cut_tolerance=2, num_films=8))
+    c.eval = ml_collections.ConfigDict(dict(
+        cut_tolerance=2, num_films=8,
+        embedder="",              # image embedder: "" built-in | local transformers vision model dir
+        text_scorer="",           # text alignment: "" synthetic-world caption check | CLIP dir
+        seed=0))
     return c

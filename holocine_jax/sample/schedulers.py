@@ -27,6 +27,7 @@ final step (to sigma 0) is order 1 and returns the x0 prediction exactly: no log
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +68,12 @@ class FlowScheduler:
     name: str
     sigmas: np.ndarray
     timesteps: np.ndarray
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # shared through make_scheduler's cache: read-only
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
 
     @property
     def num_steps(self) -> int:
@@ -193,9 +200,13 @@ def unipc_tables(sigmas: np.ndarray, order: int, solver_type: str = "bh2") -> di
     return t
 
 
+@functools.lru_cache(maxsize=32)
 def make_scheduler(name: str, *, num_steps: int, shift: float, order: int = 2,
                    grid: str = "diffusers", solver_type: str = "bh2") -> FlowScheduler:
-    """A scheduler by name: "euler" (HoloCine) or "unipc" (order 1-3, grid diffusers | wan)."""
+    """A scheduler by name: "euler" (HoloCine) or "unipc" (order 1-3, grid diffusers | wan).
+
+    Cached: equal arguments give the same (immutable) scheduler, so jitted loops are reused.
+    """
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be a positive integer")
     if not shift > 0:

@@ -1,0 +1,119 @@
+"""Sample films: classifier-free guidance, the A14B expert switch, batched layouts (DESIGN §11).
+
+    latents = sample_film(model, config, text_states, negative_states, layout, key)
+
+The loop is a Python loop over one jitted denoising step per expert (model forward, guidance and
+scheduler update in a single program; the step index is traced, so each expert compiles once).
+A `lax.fori_loop` would not be faster here: a step is one DiT forward of seconds, the host picks
+the expert from the static timestep grid (no `lax.cond` keeping both experts in one program), and
+the progress bar reports steps as they finish.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from holocine_jax.sample.schedulers import make_scheduler
+from holocine_jax.shots import latent_num_frames
+
+
+def scheduler_from_config(config):
+    """The config's scheduler (`config.sample`: scheduler, num_steps, shift, order, unipc_grid)."""
+    s = config.sample
+    return make_scheduler(s.scheduler, num_steps=s.num_steps, shift=s.shift,
+                          order=s.get("order", 2), grid=s.get("unipc_grid", "diffusers"))
+
+
+def guidance_scales(config, num_experts: int) -> tuple[float, ...]:
+    """Guidance scale per expert: `config.sample.guidance_scale` is one number or one per expert
+    (in `config.experts.names` order: high-noise first)."""
+    g = config.sample.guidance_scale
+    scales = tuple(float(x) for x in g) if isinstance(g, (tuple, list)) else (float(g),) * num_experts
+    if len(scales) != num_experts:
+        raise ValueError(f"config.sample.guidance_scale={g} gives {len(scales)} scales for "
+                         f"{num_experts} expert(s)")
+    return scales
+
+
+def latent_shape(config, batch: int) -> tuple[int, ...]:
+    """[B, F, h, w, z] latents of `config.video` under the VAE stride."""
+    v, (_, sh, sw) = config.video, config.vae.stride
+    if v.height % sh or v.width % sw:
+        raise ValueError(f"video size {v.height}x{v.width} is not divisible by the VAE stride "
+                         f"{(sh, sw)}")
+    return (batch, latent_num_frames(v.num_frames), v.height // sh, v.width // sw,
+            config.model.in_channels)
+
+
+def initial_noise(key, shape) -> jax.Array:
+    """Gaussian noise [B, ...]: one key per film ([B] keys), or one key split into B."""
+    keys = key if jnp.ndim(key) == 1 else jax.random.split(key, shape[0])
+    if keys.shape[0] != shape[0]:
+        raise ValueError(f"{keys.shape[0]} keys for a batch of {shape[0]} films")
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys)
+
+
+def _concat(a, b):
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_step(graphdef, scheduler, scale: float):
+    """One compiled program per (model structure, scheduler, guidance scale), reused by calls."""
+    return jax.jit(functools.partial(_denoise_step, graphdef, scheduler, scale))
+
+
+def _denoise_step(graphdef, scheduler, scale, params, state, x, t_index, text, negative, layout,
+                  negative_layout):
+    """One guided step: v = v_neg + scale (v_pos - v_neg); scale 1 skips the negative pass."""
+    model = nnx.merge(graphdef, params)
+    b = x.shape[0]
+    t = jnp.full((b,), jnp.asarray(scheduler.timesteps)[t_index])
+    if scale == 1.0:
+        v = model(x, t, text, layout).astype(jnp.float32)
+    else:
+        both = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([text, negative]), _concat(layout, negative_layout))
+        positive, neg = jnp.split(both.astype(jnp.float32), 2)
+        v = neg + scale * (positive - neg)
+    return scheduler.step(state, v, t_index, x)
+
+
+def sample_film(models, config, text_states, negative_states, layout, key, *, scheduler=None,
+                progress: bool = True) -> jax.Array:
+    """Denoise noise into normalised latents [B, F, h, w, z].
+
+    models: a WanDiT or one per `config.experts.names` (high-noise expert first, used while
+    t >= config.experts.boundary * 1000). text_states: [B, Lt, D]; negative_states: [1 or B, Lt,
+    D]; layout: ShotLayout (batched [B] or one for all films) with the prompts' text windows; the
+    negative prompt uses the same cuts without windows. key: one PRNG key or [B] keys.
+    """
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    scheduler = scheduler if scheduler is not None else scheduler_from_config(config)
+    scales = guidance_scales(config, len(models))
+    experts = scheduler.expert_of_step(config.experts.boundary, len(models))
+    b = text_states.shape[0]
+    if negative_states.shape[0] not in (1, b) or negative_states.shape[1:] != text_states.shape[1:]:
+        raise ValueError(f"negative_states {negative_states.shape} do not match text_states "
+                         f"{text_states.shape} (batch 1 or {b})")
+    negative_states = jnp.broadcast_to(negative_states, text_states.shape)
+    layout = layout.broadcast_to_batch(b)
+    negative_layout = layout.without_text_windows()
+    x = initial_noise(key, latent_shape(config, b))
+    state = scheduler.init_state(x)
+    steps = {}
+    for e, model in enumerate(models):
+        graphdef, params = nnx.split(model)
+        steps[e] = functools.partial(_jitted_step(graphdef, scheduler, scales[e]), params)
+    bar = tqdm.trange(scheduler.num_steps, desc="sampling", disable=not progress, leave=False)
+    for i in bar:
+        x, state = steps[int(experts[i])](state, x, np.int32(i), text_states, negative_states,
+                                          layout, negative_layout)
+        x.block_until_ready()
+        bar.set_postfix(t=f"{scheduler.timesteps[i]:.0f}", expert=int(experts[i]))
+    return x

@@ -1,0 +1,154 @@
+"""`holocine-jax eval`: sample the evaluation films with every checkpoint step, score them.
+
+    run_eval(config, "ckpt_dir", "data_dir", "workdir")
+
+For each complete step of the checkpoint directory without a `metrics.json` yet (re-running skips
+done ones), the films of `data_dir` (the first `config.eval.num_films`; prompt = global + shot
+captions, the dataset's cuts, seed = config.eval.seed + index) are sampled and decoded, and the
+clu metrics of `metrics.py` are written to TensorBoard (workdir/eval, tag eval/<name>) and to
+workdir/eval/step_<N>/metrics.json, beside each film's contact sheet and mp4.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from holocine_jax.data.synthetic import FilmSpec
+from holocine_jax.eval import metrics as M
+from holocine_jax.prompts import build_prompt, parse_prompt
+from holocine_jax.sample.output import write_film
+from holocine_jax.sample.run import FilmRequest, generate, text_stack
+
+
+def eval_films(config, data_dir: str):
+    """(requests, truths) of the first config.eval.num_films films of a built dataset.
+
+    truths[i]: the synthetic world's per-shot attributes when the film has them, else None.
+    """
+    from holocine_jax.data.dataset import decode_text, load_data_source
+
+    source = load_data_source(data_dir)
+    n = min(len(source), int(config.eval.num_films))
+    if n == 0:
+        raise ValueError(f"the dataset at {data_dir!r} has no films")
+    films, truths = [], []
+    for i in range(n):
+        ex = decode_text(source[i])
+        cuts = tuple(int(c) for c in np.asarray(ex["cut_frames"]))
+        films.append(FilmRequest(build_prompt(ex["global_caption"], ex["shot_captions"]), cuts,
+                                 config.video.num_frames, int(config.eval.seed) + i))
+        truths.append(_world_truth(ex.get("attributes", ""), cuts))
+    return films, truths
+
+
+def _world_truth(attributes: str, cuts):
+    """Per-shot ground truth of a synthetic film whose cuts match the clip's, else None."""
+    try:
+        spec = FilmSpec.from_dict(json.loads(attributes))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return spec.shot_attributes() if tuple(spec.cut_frames) == tuple(cuts) else None
+
+
+def make_embedder(path: str):
+    """The image embedder of config.eval.embedder: "" -> the built-in one, else a local
+    transformers vision model directory (see embedders.py)."""
+    if not path:
+        return M.simple_embedder
+    from holocine_jax.eval.embedders import TransformersImageEmbedder
+
+    return TransformersImageEmbedder(path)
+
+
+def make_text_scorer(path: str):
+    """The text alignment of config.eval.text_scorer: "" -> the synthetic-world caption check,
+    else a local CLIP model directory (see embedders.py)."""
+    if not path:
+        return M.world_text_alignment
+    from holocine_jax.eval.embedders import ClipTextScorer
+
+    return ClipTextScorer(path)
+
+
+def score_films(config, clips, films, truths, *, embed=None, text_scorer=None) -> dict:
+    """Metrics of decoded films: clips uint8 [T, H, W, 3] per film, in the order of `films`."""
+    embed = embed or make_embedder(config.eval.embedder)
+    text_scorer = text_scorer or make_text_scorer(config.eval.text_scorer)
+    total = None
+    for clip, film, truth in zip(clips, films, truths):
+        m = M.film_metrics(clip, film.cuts, tolerance=int(config.eval.cut_tolerance),
+                           embed=embed, captions=parse_prompt(film.prompt)[1],
+                           text_scorer=text_scorer, truth=truth)
+        total = m if total is None else total.merge(m)
+    return M.to_floats(total.compute())
+
+
+def checkpoint_steps(checkpoint: str) -> list[int]:
+    """Complete steps of a checkpoint directory (orbax), oldest first."""
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"checkpoint directory {checkpoint!r} does not exist")
+    with ocp.CheckpointManager(os.path.abspath(checkpoint), item_names=("params",)) as manager:
+        steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint step in {checkpoint!r}")
+    return steps
+
+
+def evaluate_checkpoint(config, checkpoint: str, step: int, films, truths, workdir: str, *,
+                        stack, writer=None, progress: bool = False) -> dict:
+    """Sample + score one checkpoint step; writes films, metrics.json and TensorBoard scalars.
+
+    stack: (tokenizer, text encoder, vae), built once by the caller.
+    """
+    from holocine_jax.checkpoint import load_params
+
+    out = os.path.join(workdir, "eval", f"step_{step:08d}")
+    models = [load_params(checkpoint, config, step=step)]
+    tokenizer, encoder, vae = stack
+    clips = [None] * len(films)
+    for i, film, clip, layout in generate(config, models, tokenizer, encoder, vae, films,
+                                          progress=progress):
+        clips[i] = clip
+        write_film(os.path.join(out, f"film_{i:03d}"), clip, fps=config.video.fps,
+                   cut_frames=layout.pixel_cuts(), metadata=dict(prompt=film.prompt, seed=film.seed,
+                                                                  step=step))
+    result = score_films(config, clips, films, truths)
+    if writer is not None:
+        for name, value in result.items():
+            if value is not None:
+                writer.add_scalar(f"eval/{name}", value, step)
+        writer.flush()
+    tmp = os.path.join(out, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(dict(step=step, checkpoint=checkpoint, num_films=len(films), metrics=result), f,
+                  indent=2)
+    os.replace(tmp, os.path.join(out, "metrics.json"))
+    return result
+
+
+def run_eval(config, checkpoint: str, data_dir: str, workdir: str, *, progress: bool = True) -> dict:
+    """Evaluate every complete step of `checkpoint` not yet in workdir -> {step: metrics}."""
+    from tensorboardX import SummaryWriter
+
+    from holocine_jax.vae import make_vae
+
+    steps = checkpoint_steps(checkpoint)
+    done = {s for s in steps if os.path.exists(
+        os.path.join(workdir, "eval", f"step_{s:08d}", "metrics.json"))}
+    todo = [s for s in steps if s not in done]
+    results = {}
+    if todo:
+        films, truths = eval_films(config, data_dir)
+        stack = (*text_stack(config), make_vae(config))
+        writer = SummaryWriter(os.path.join(workdir, "eval"))
+        try:
+            for step in todo:
+                results[step] = evaluate_checkpoint(config, checkpoint, step, films, truths,
+                                                    workdir, stack=stack, writer=writer,
+                                                    progress=progress)
+        finally:
+            writer.close()
+    return results

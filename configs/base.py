@@ -139,7 +139,17 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         steps=10_000, batch_size=1, learning_rate=1e-5, warmup_steps=100, schedule="constant",
         weight_decay=0.01, grad_clip=1.0, grad_accum=1, ema_decay=0.0,
         timesteps="holocine",     # holocine (DiffSynth schedule + weights) | uniform | logit_normal
+        shift=5.0,                # training timestep shift (DiffSynth's Wan recipe)
+        min_boundary=0.0,         # schedule positions trained: [min, max) of 1 - s (0 = pure noise)
+        max_boundary=1.0,
+        logit_mean=0.0, logit_std=1.0,  # logit_normal only
+        adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
+        min_lr_ratio=0.0,         # cosine: final lr = min_lr_ratio * learning_rate
+        init_from="",             # params checkpoint (`holocine-jax import`) to start from
         log_every=10, checkpoint_every=500, keep_checkpoints=3,
+        async_checkpoints=True,
+        loss_buckets=4,           # loss is also reported per timestep bucket of 1000/loss_buckets
+        profile_steps=0,          # > 0: capture a profiler trace of this many steps after step 5
     ))
     c.eval = ml_collections.ConfigDict(dict(
         cut_tolerance=2, num_films=8,

@@ -1,0 +1,111 @@
+"""Training checkpoints: one orbax CheckpointManager directory per run (DESIGN §10).
+
+Layout (a superset of holocine_jax/checkpoint.py's params checkpoints, so `load_params`,
+`export` and `sample` read a training directory as they read an imported one):
+    config.json                      the run's config (checked on resume)
+    <step>/params                    nnx.State of the parameters
+    <step>/train                     opt_state, ema, step, rng, skipped
+    <step>/data                      the data iterator's JSON state (`get_state()`)
+Saves are async and atomic (orbax writes a temporary directory and renames it when complete;
+unfinished ones are removed when the manager opens), the latest `keep` steps are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import orbax.checkpoint as ocp
+
+from holocine_jax.checkpoint import load_config_json
+from holocine_jax.train.state import TrainState
+
+ITEMS = ("params", "train", "data")
+# Model keys that only change how the step computes; every other model key (and `expert`)
+# fixes the saved state's shapes, so a resume must not change it.
+FREE_MODEL_KEYS = ("dtype", "remat", "scan_layers")
+
+
+def _shape_keys(config) -> dict:
+    """{'model.dim': 64, ..., 'expert': 'high'} from a config (or its stored JSON)."""
+    d = json.loads(config.to_json_best_effort())
+    flat = {f"model.{k}": v for k, v in d.get("model", {}).items() if k not in FREE_MODEL_KEYS}
+    flat["expert"] = d.get("expert")
+    return flat
+
+
+class TrainCheckpointer:
+    """Save / restore TrainState + data iterator state under `directory`.
+
+    Opening a directory that holds a checkpoint of another model config raises before anything
+    is written.
+    """
+
+    def __init__(self, directory: str, config, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        config_path = os.path.join(self.directory, "config.json")
+        if os.path.exists(config_path):
+            stored, current = _shape_keys(load_config_json(self.directory)), _shape_keys(config)
+            changed = [f"config.{k}: {stored.get(k)!r} stored, {current.get(k)!r} now"
+                       for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+            if changed:
+                raise ValueError(f"{self.directory!r} holds a checkpoint of another config "
+                                 f"({'; '.join(changed)}); use a new workdir or the stored config")
+        else:
+            tmp = config_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+            os.replace(tmp, config_path)
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=ITEMS,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, data_state: dict | None = None, *, force: bool = False) -> bool:
+        """Start saving `state` at its step (async); returns whether a save was started."""
+        return self.manager.save(int(state.step), args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train=ocp.args.StandardSave(_train_item(state)),
+            data=ocp.args.JsonSave(data_state or {})), force=force)
+
+    def restore(self, abstract: TrainState, step: int | None = None):
+        """(TrainState, data_state) from `step` (default: the latest complete one) into the
+        `abstract` target (from jax.eval_shape), or None when the directory has no step."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract.params),
+                train=ocp.args.StandardRestore(_train_item(abstract)),
+                data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint step {step} in {self.directory!r} does not match this "
+                             f"config's train state: {e}") from e
+        t = out.train
+        state = TrainState(params=out.params, opt_state=t["opt_state"], ema=t.get("ema"),
+                           step=t["step"], rng=t["rng"], skipped=t["skipped"])
+        return state, dict(out.data or {})
+
+    def wait_until_finished(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _train_item(state: TrainState) -> dict:
+    item = dict(opt_state=state.opt_state, step=state.step, rng=state.rng, skipped=state.skipped)
+    if state.ema is not None:
+        item["ema"] = state.ema
+    return item

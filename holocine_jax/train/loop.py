@@ -1,0 +1,153 @@
+"""The training loop: resume or initialise, step, log, checkpoint (DESIGN §10).
+
+    summary = run_training(config, workdir, batches=pipeline, vae=vae, text_encoder=encoder)
+
+`batches` is an iterator of batch dicts (contracts: data/pipeline.py); with `get_state()` /
+`set_state(dict)` its position is checkpointed and restored, so a resumed run sees exactly the
+batches the uninterrupted one would have seen; `skip_counts()` (if present) is logged as
+`data/skipped/<reason>`. Workdir layout: `checkpoints/` (train/checkpointing.py), TensorBoard
+event files and `metrics.jsonl`. SIGTERM (preemption) saves the current step and returns.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+
+import jax
+from flax import nnx
+
+from holocine_jax.checkpoint import load_config_json, load_params
+from holocine_jax.model import WanDiT
+from holocine_jax.train.checkpointing import TrainCheckpointer, _shape_keys
+from holocine_jax.train.metrics import MetricsBuffer, make_writer, periodic_actions
+from holocine_jax.train.state import init_train_state, split_model
+from holocine_jax.train.step import make_train_step, prepare_batch
+
+log = logging.getLogger(__name__)
+
+
+def initial_model(config) -> WanDiT:
+    """Fresh weights from `config.seed`, or the params checkpoint `config.train.init_from`
+    (an imported or trained directory; its model config must match)."""
+    path = config.train.init_from
+    if not path:
+        return WanDiT(config, rngs=nnx.Rngs(config.seed))
+    stored, current = _shape_keys(load_config_json(path)), _shape_keys(config)
+    changed = [k for k in sorted(set(stored) | set(current))
+               if k != "expert" and stored.get(k) != current.get(k)]
+    if changed:
+        raise ValueError(f"config.train.init_from={path!r} was saved with another model config: "
+                         + "; ".join(f"config.{k}: {stored.get(k)!r} there, {current.get(k)!r} here"
+                                     for k in changed))
+    return load_params(path, config)
+
+
+def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None,
+                 steps: int | None = None) -> dict:
+    """Train until step `steps` (default config.train.steps), resuming from `workdir`.
+
+    Returns {"step", "start_step", "skipped", "loss" (last logged), "first_loss" (first logged
+    in this call), "checkpoint_dir", "metrics_path", "preempted"}.
+    """
+    tc = config.train
+    total = int(tc.steps if steps is None else steps)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), config,
+                             keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+    try:
+        state, rest, graphdef = _resume_or_init(config, ckpt, batches)
+        return _train(config, workdir, ckpt, state, graphdef, rest, total, batches, vae, text_encoder)
+    finally:
+        ckpt.close()
+
+
+def _resume_or_init(config, ckpt: TrainCheckpointer, batches):
+    abstract_model = nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(config.seed)))
+    graphdef, abstract_params, rest = split_model(abstract_model)
+    if ckpt.latest_step() is None:
+        graphdef, params, rest = split_model(initial_model(config))
+        return init_train_state(config, params), rest, graphdef
+    abstract = jax.eval_shape(lambda p: init_train_state(config, p), abstract_params)
+    state, data_state = ckpt.restore(abstract)
+    if data_state:
+        if not hasattr(batches, "set_state"):
+            raise ValueError("the checkpoint holds a data iterator state but `batches` has no "
+                             "set_state(): resuming would repeat or skip data")
+        batches.set_state(data_state)
+    log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    return state, rest, graphdef
+
+
+def _train(config, workdir, ckpt, state, graphdef, rest, total, batches, vae, text_encoder):
+    tc = config.train
+    start = int(state.step)
+    train_step = jax.jit(make_train_step(config, graphdef, rest), donate_argnums=0)
+    writer = make_writer(workdir)
+    periodic = periodic_actions()
+    hooks = [periodic.ReportProgress(num_train_steps=total, writer=writer, every_steps=tc.log_every,
+                                     every_secs=None)]
+    if tc.profile_steps > 0:
+        hooks.append(periodic.Profile(logdir=workdir, num_profile_steps=tc.profile_steps,
+                                      first_profile=start + 5, every_secs=None))
+    if start == 0:
+        writer.write_hparams(config.to_dict())
+    buffer = MetricsBuffer(tc.loss_buckets)
+    preempted = threading.Event()
+    restore_sigterm = _catch_sigterm(preempted)
+    logged: list[float] = []
+    step = start
+    try:
+        while step < total and not preempted.is_set():
+            try:
+                raw = next(batches)
+            except StopIteration:
+                log.warning("the data ran out at step %d of %d", step, total)
+                break
+            batch = prepare_batch(raw, config, vae=vae, text_encoder=text_encoder)
+            state, metrics = train_step(state, batch)
+            step += 1
+            buffer.add(metrics, _tokens(batch["latents"].shape, config.model.patch_size))
+            if step % tc.log_every == 0 or step == total:
+                scalars = buffer.summary()
+                scalars["train/skipped_steps"] = float(state.skipped)
+                for reason, n in (batches.skip_counts() if hasattr(batches, "skip_counts") else {}).items():
+                    scalars[f"data/skipped/{reason}"] = float(n)
+                writer.write_scalars(step, scalars)
+                logged.append(scalars["train/loss"])
+            for hook in hooks:
+                hook(step)
+            if step % tc.checkpoint_every == 0 or step == total or preempted.is_set():
+                ckpt.save(state, _data_state(batches), force=True)
+        if step != ckpt.latest_step() and step > start:
+            ckpt.save(state, _data_state(batches), force=True)
+        ckpt.wait_until_finished()
+    finally:
+        restore_sigterm()
+        writer.flush()
+        writer.close()
+    return dict(step=step, start_step=start, skipped=int(state.skipped),
+                loss=logged[-1] if logged else math.nan, first_loss=logged[0] if logged else math.nan,
+                checkpoint_dir=ckpt.directory, metrics_path=os.path.join(workdir, "metrics.jsonl"),
+                preempted=preempted.is_set())
+
+
+def _tokens(latent_shape, patch_size) -> int:
+    """Video tokens in a batch of latents [B, F, H, W, C]."""
+    b, f, h, w, _ = latent_shape
+    pt, ph, pw = patch_size
+    return b * (f // pt) * (h // ph) * (w // pw)
+
+
+def _data_state(batches) -> dict:
+    return batches.get_state() if hasattr(batches, "get_state") else {}
+
+
+def _catch_sigterm(event: threading.Event):
+    """Set `event` on SIGTERM (main thread only); returns a function restoring the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -1,0 +1,174 @@
+"""Training metrics: clu metric writers (TensorBoard + console + metrics.jsonl) and the
+per-interval summary of the step's metrics (loss per timestep bucket, throughput, skips).
+
+clu's `metric_writers` package imports TensorFlow for its summary writer. TensorFlow is not a
+dependency here, so when it is missing `metric_writers()` registers an empty module under that
+name before importing clu, and TensorBoard files are written with tensorboardX instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+import types
+
+import jax
+import numpy as np
+
+
+def metric_writers():
+    """The `clu.metric_writers` module, importable without TensorFlow."""
+    name = "clu.metric_writers.summary_writer"
+    if name not in sys.modules and importlib.util.find_spec("tensorflow") is None:
+        placeholder = types.ModuleType(name)
+        placeholder.SummaryWriter = None  # clu's TF writer; TensorboardWriter below replaces it
+        sys.modules[name] = placeholder
+    from clu import metric_writers as mw
+    return mw
+
+
+def periodic_actions():
+    """`clu.periodic_actions` (it imports clu.metric_writers), importable without TensorFlow."""
+    metric_writers()
+    from clu import periodic_actions as pa
+    return pa
+
+
+def make_writer(logdir: str, *, console: bool = True):
+    """TensorBoard event files + `metrics.jsonl` under `logdir` (+ console logging), async."""
+    mw = metric_writers()
+    writers = [_tensorboard_writer(mw, logdir), _jsonl_writer(mw, os.path.join(logdir, "metrics.jsonl"))]
+    if console:
+        writers.append(mw.LoggingWriter())
+    return mw.AsyncMultiWriter(writers)
+
+
+def _tensorboard_writer(mw, logdir):
+    if sys.modules["clu.metric_writers.summary_writer"].SummaryWriter is not None:
+        return mw.SummaryWriter(logdir)
+    import tensorboardX
+
+    class TensorboardWriter(mw.MetricWriter):
+        """clu MetricWriter on tensorboardX (scalars, images, texts, histograms, hparams)."""
+
+        def __init__(self, logdir):
+            self._writer = tensorboardX.SummaryWriter(logdir)
+
+        def write_summaries(self, step, values, metadata=None):
+            self.write_scalars(step, {k: v for k, v in values.items() if np.ndim(v) == 0})
+
+        def write_scalars(self, step, scalars):
+            for k, v in scalars.items():
+                self._writer.add_scalar(k, float(v), global_step=step)
+
+        def write_images(self, step, images):
+            for k, v in images.items():
+                self._writer.add_images(k, np.asarray(v), global_step=step, dataformats="NHWC")
+
+        def write_videos(self, step, videos):
+            for k, v in videos.items():  # [N, T, H, W, C] in [0, 1] or uint8
+                self._writer.add_video(k, np.asarray(v).transpose(0, 1, 4, 2, 3), global_step=step)
+
+        def write_audios(self, step, audios, *, sample_rate):
+            for k, v in audios.items():
+                self._writer.add_audio(k, np.asarray(v)[0, :, 0], global_step=step, sample_rate=sample_rate)
+
+        def write_texts(self, step, texts):
+            for k, v in texts.items():
+                self._writer.add_text(k, v, global_step=step)
+
+        def write_histograms(self, step, arrays, num_buckets=None):
+            for k, v in arrays.items():
+                self._writer.add_histogram(k, np.asarray(v), global_step=step)
+
+        def write_hparams(self, hparams):
+            self._writer.add_text("hparams", json.dumps(dict(hparams), default=str, indent=1))
+
+        def flush(self):
+            self._writer.flush()
+
+        def close(self):
+            self._writer.close()
+
+    return TensorboardWriter(logdir)
+
+
+def _jsonl_writer(mw, path):
+    class JsonlWriter(mw.MetricWriter):
+        """Scalars as one JSON line per write: {"step": s, name: value, ...} (other kinds are
+        TensorBoard's job and are not written here)."""
+
+        def __init__(self, path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._file = open(path, "a")
+
+        def write_scalars(self, step, scalars):
+            self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+        def write_summaries(self, step, values, metadata=None):
+            self.write_scalars(step, {k: v for k, v in values.items() if np.ndim(v) == 0})
+
+        def write_images(self, step, images): pass
+        def write_videos(self, step, videos): pass
+        def write_audios(self, step, audios, *, sample_rate): pass
+        def write_texts(self, step, texts): pass
+        def write_histograms(self, step, arrays, num_buckets=None): pass
+        def write_hparams(self, hparams): pass
+
+        def flush(self):
+            self._file.flush()
+
+        def close(self):
+            self._file.close()
+
+    return JsonlWriter(path)
+
+
+def read_metrics(path: str) -> dict[int, dict]:
+    """metrics.jsonl -> {step: {name: value}}; a step written twice (a resumed run repeating
+    steps after its last checkpoint) keeps its last record."""
+    out: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                out.setdefault(record.pop("step"), {}).update(record)
+    return out
+
+
+class MetricsBuffer:
+    """Collects the step's metrics (device arrays, fetched only at `summary()`), and turns an
+    interval into scalars: means, loss per timestep bucket, steps/s and tokens/s."""
+
+    SCALARS = ("loss", "grad_norm", "update_norm", "param_norm", "learning_rate")
+
+    def __init__(self, num_buckets: int = 4):
+        self.num_buckets = num_buckets
+        self._steps: list[dict] = []
+        self._tokens = 0
+        self._start = time.perf_counter()
+
+    def add(self, metrics: dict, tokens: int):
+        self._steps.append(metrics)
+        self._tokens += tokens
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for the steps since the last summary (then resets)."""
+        steps = jax.device_get(self._steps)
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        out = {f"train/{k}": float(np.mean([s[k] for s in steps])) for k in self.SCALARS}
+        out["train/skipped_in_interval"] = float(sum(s["skipped"] for s in steps))
+        losses = np.concatenate([np.ravel(s["sample_loss"]) for s in steps])
+        t = np.concatenate([np.ravel(s["timesteps"]) for s in steps])
+        width = 1000 / self.num_buckets
+        bucket = np.minimum((t // width).astype(int), self.num_buckets - 1)
+        for i in range(self.num_buckets):
+            if np.any(bucket == i):
+                out[f"train/loss_t{int(i * width):04d}_{int((i + 1) * width):04d}"] = float(
+                    np.mean(losses[bucket == i]))
+        out["perf/steps_per_sec"] = len(steps) / elapsed
+        out["perf/tokens_per_sec"] = self._tokens / elapsed
+        self._steps, self._tokens, self._start = [], 0, time.perf_counter()
+        return out

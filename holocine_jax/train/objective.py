@@ -1,0 +1,138 @@
+"""Flow-matching objective (DESIGN §10): timestep sampling, per-sample weights, masked loss.
+
+    x_t = (1 - σ) x0 + σ ε,   target v = ε - x0,   t = 1000 σ,   σ = shift(s) = k s / (1 + (k-1) s)
+
+Every mode draws a *schedule position* p = 1 - s in [p_lo, p_hi) (p = 0 is pure noise):
+- "holocine": DiffSynth's FlowMatchScheduler as HoloCine trains it — a 1000-entry table
+  σ_i = shift(1 - i/1000), an index i uniform in [min_boundary·1000, max_boundary·1000), and the
+  Gaussian-shaped weight table w_i (mean 1) read at i;
+- "uniform": p uniform in [p_lo, p_hi), weight 1;
+- "logit_normal": s = sigmoid(N(logit_mean, logit_std)) truncated to the same range, weight 1.
+A14B experts (`config.expert`) keep the part of the range on their side of `experts.boundary`:
+high-noise σ >= boundary, low-noise σ < boundary (index split 417 for shift 5, boundary 0.875).
+The weight of a sample depends on its own timestep only, never on the rest of the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import ndtr, ndtri
+
+NUM_TRAIN_TIMESTEPS = 1000
+TIMESTEP_MODES = ("holocine", "uniform", "logit_normal")
+
+
+def shift_sigma(s, shift: float):
+    """σ = shift·s / (1 + (shift − 1)·s): more steps at high noise for shift > 1."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def unshift_sigma(sigma, shift: float):
+    """Inverse of `shift_sigma`."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+def holocine_tables(shift: float, n: int = NUM_TRAIN_TIMESTEPS):
+    """DiffSynth's training schedule: (sigmas [n], timesteps [n] = n·σ, weights [n], mean 1)."""
+    sigmas = shift_sigma(1.0 - np.arange(n, dtype=np.float64) / n, shift)
+    timesteps = sigmas * n
+    y = np.exp(-2.0 * ((timesteps - n / 2) / n) ** 2)
+    y = y - y.min()
+    return sigmas, timesteps, y * n / y.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class TimestepSampler:
+    """`sampler(key, batch) -> (sigmas [B], timesteps [B] in 0..1000, weights [B])`, jittable."""
+    mode: str
+    shift: float
+    p_lo: float   # schedule positions p = 1 - s in [p_lo, p_hi)
+    p_hi: float
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    @property
+    def index_range(self) -> tuple[int, int]:
+        """holocine: the half-open index range [lo, hi) of the 1000-step table."""
+        return tuple(math.floor(p * NUM_TRAIN_TIMESTEPS + 1e-6) for p in (self.p_lo, self.p_hi))
+
+    def __call__(self, key, batch: int):
+        if self.mode == "holocine":
+            sigmas, timesteps, weights = (jnp.asarray(x, jnp.float32) for x in holocine_tables(self.shift))
+            lo, hi = self.index_range
+            i = jax.random.randint(key, (batch,), lo, hi)
+            return sigmas[i], timesteps[i], weights[i]
+        if self.mode == "uniform":
+            s = 1.0 - jax.random.uniform(key, (batch,), minval=self.p_lo, maxval=self.p_hi)
+        else:  # logit_normal, truncated by inverse-CDF sampling to s in (1 - p_hi, 1 - p_lo]
+            z_lo, z_hi = (ndtr((_logit(1.0 - p) - self.logit_mean) / self.logit_std)
+                          for p in (self.p_hi, self.p_lo))
+            u = jax.random.uniform(key, (batch,), minval=z_lo, maxval=z_hi)
+            s = jax.nn.sigmoid(self.logit_mean + self.logit_std * ndtri(u))
+        sigmas = shift_sigma(s, self.shift)
+        return sigmas, sigmas * NUM_TRAIN_TIMESTEPS, jnp.ones((batch,), jnp.float32)
+
+
+def _logit(s):
+    s = jnp.clip(s, 1e-7, 1 - 1e-7)
+    return jnp.log(s) - jnp.log1p(-s)
+
+
+def make_timestep_sampler(config) -> TimestepSampler:
+    """The sampler `config.train` asks for, restricted to `config.expert`'s range (A14B)."""
+    tc = config.train
+    if tc.timesteps not in TIMESTEP_MODES:
+        raise ValueError(f"config.train.timesteps={tc.timesteps!r}; expected one of {TIMESTEP_MODES}")
+    if not 0.0 <= tc.min_boundary < tc.max_boundary <= 1.0:
+        raise ValueError(f"config.train.min_boundary={tc.min_boundary}, max_boundary="
+                         f"{tc.max_boundary} must satisfy 0 <= min < max <= 1")
+    p_lo, p_hi = float(tc.min_boundary), float(tc.max_boundary)
+    expert = config.get("expert")
+    names = tuple(config.experts.names)
+    if names:
+        if expert not in names:
+            raise ValueError(f"config.expert={expert!r}; this config trains one of the experts {names}")
+        split = expert_split(config.experts.boundary, tc.shift)
+        p_lo, p_hi = (p_lo, min(p_hi, split)) if expert == names[0] else (max(p_lo, split), p_hi)
+        if p_lo >= p_hi:
+            raise ValueError(f"expert {expert!r} (split at position {split}) has no timesteps in "
+                             f"config.train.min_boundary..max_boundary = {tc.min_boundary}..{tc.max_boundary}")
+    return TimestepSampler(tc.timesteps, float(tc.shift), p_lo, p_hi,
+                           float(tc.logit_mean), float(tc.logit_std))
+
+
+def expert_split(boundary: float, shift: float) -> float:
+    """Schedule position where σ falls below `boundary`; in the holocine table the first index
+    with σ_i < boundary divided by 1000 (0.417 for boundary 0.875, shift 5)."""
+    sigmas = holocine_tables(shift)[0]
+    return float(np.sum(sigmas >= boundary)) / NUM_TRAIN_TIMESTEPS
+
+
+def noised(x0, noise, sigmas):
+    """x_t = (1 - σ) x0 + σ ε for x0, noise: [B, ...] and sigmas: [B]."""
+    s = sigmas.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+    return (1 - s) * x0 + s * noise
+
+
+def frame_mask(layout, batch: int, num_frames: int):
+    """[B, F] 1.0 for latent frames that belong to a real shot (padding shots: 0), from the
+    layout; all ones without a layout."""
+    if layout is None:
+        return jnp.ones((batch, num_frames), jnp.float32)
+    layout = layout.broadcast_to_batch(batch)
+    real = layout.frame_to_shot() < jnp.asarray(layout.num_shots)[:, None]
+    return real.astype(jnp.float32)
+
+
+def per_sample_loss(pred, x0, noise, mask):
+    """Masked mean squared flow error per sample: pred, x0, noise [B, F, H, W, C]; mask [B, F].
+
+    Returns [B] (unweighted): mean over the unmasked frames of (pred - (ε - x0))².
+    """
+    err = jnp.square(pred.astype(jnp.float32) - (noise - x0).astype(jnp.float32))
+    per_frame = jnp.mean(err, axis=(2, 3, 4))
+    return jnp.sum(per_frame * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)

@@ -1,0 +1,124 @@
+"""The pure train step: `train_step(state, batch) -> (state, metrics)` (DESIGN §10, §16).
+
+    train_step = jax.jit(make_train_step(config, graphdef, rest), donate_argnums=0)
+
+`batch`: "latents" [B, F, H, W, C] (normalised), "text_states" [B, Lt, Dt], optional "layout"
+(batched ShotLayout); `prepare_batch` makes it from the pipeline's dict. The rng is folded with
+the step, so a resumed run draws the same timesteps and noise. The global batch is split into
+`config.train.grad_accum` micro-batches whose gradients are summed in a scan. A non-finite loss
+or gradient leaves params, optimizer and EMA untouched and counts the step in `skipped`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from holocine_jax.train import objective
+from holocine_jax.train.optim import learning_rate_schedule, make_optimizer
+from holocine_jax.train.state import TrainState
+
+
+def make_train_step(config, graphdef, rest=None):
+    """A pure, jittable `train_step(state: TrainState, batch) -> (TrainState, metrics)`.
+
+    metrics: loss, grad_norm (before clipping), update_norm, param_norm, learning_rate,
+    skipped (1.0 if this step's update was dropped), and per sample: sample_loss [B]
+    (unweighted), timesteps [B].
+    """
+    tc = config.train
+    tx, schedule = make_optimizer(tc), learning_rate_schedule(tc)
+    sampler = objective.make_timestep_sampler(config)
+    accum = int(tc.grad_accum)
+    if accum < 1:
+        raise ValueError(f"config.train.grad_accum={tc.grad_accum} must be >= 1")
+    rest = rest if rest is not None else nnx.State({})
+
+    def loss_sum(params, mb):
+        """Sum over the micro-batch of weighted per-sample losses, and the unweighted ones."""
+        model = nnx.merge(graphdef, params, rest)
+        x0 = mb["latents"]
+        pred = model(objective.noised(x0, mb["noise"], mb["sigmas"]), mb["timesteps"],
+                     mb["text_states"], mb.get("layout"))
+        mask = objective.frame_mask(mb.get("layout"), x0.shape[0], x0.shape[1])
+        loss = objective.per_sample_loss(pred, x0, mb["noise"], mask)
+        return jnp.sum(loss * mb["weights"]), loss
+
+    def train_step(state: TrainState, batch):
+        x0 = batch["latents"]
+        b = x0.shape[0]
+        if b % accum:
+            raise ValueError(f"batch size {b} is not divisible by config.train.grad_accum={accum}")
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        k_time, k_noise = jax.random.split(key)
+        sigmas, timesteps, weights = sampler(k_time, b)
+        inputs = dict(latents=x0, text_states=batch["text_states"], sigmas=sigmas,
+                      timesteps=timesteps, weights=weights,
+                      noise=jax.random.normal(k_noise, x0.shape, jnp.float32).astype(x0.dtype))
+        if batch.get("layout") is not None:
+            inputs["layout"] = batch["layout"].broadcast_to_batch(b)
+        micro = jax.tree.map(lambda x: x.reshape((accum, b // accum) + x.shape[1:]), inputs)
+
+        def accumulate(grads, mb):
+            (_, loss), g = jax.value_and_grad(loss_sum, has_aux=True)(state.params, mb)
+            return jax.tree.map(jnp.add, grads, g), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, sample_loss = jax.lax.scan(accumulate, zeros, micro)
+        grads = jax.tree.map(lambda g: g / b, grads)
+        sample_loss = sample_loss.reshape(b)
+        loss = jnp.mean(sample_loss * weights)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = optax.incremental_update(params, ema, 1.0 - tc.ema_decay)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = state.replace(
+            params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            ema=keep(ema, state.ema), step=state.step + 1,
+            skipped=state.skipped + (~ok).astype(jnp.int32))
+        metrics = dict(loss=loss, grad_norm=grad_norm, update_norm=optax.global_norm(updates),
+                       param_norm=optax.global_norm(new_state.params),
+                       learning_rate=schedule(state.step - state.skipped),
+                       skipped=(~ok).astype(jnp.float32), sample_loss=sample_loss, timesteps=timesteps)
+        return new_state, metrics
+
+    return train_step
+
+
+def prepare_batch(batch: dict, config, *, vae=None, text_encoder=None) -> dict:
+    """The pipeline's batch (contracts: "latents" | "video", "text_states" | "input_ids" +
+    "attention_mask", optional "layout") -> the step's {"latents", "text_states", "layout"}.
+
+    video [B, T, H, W, 3] in [-1, 1] is encoded with `vae.encode` and normalised;
+    input_ids / attention_mask [B, Lt] go through `text_encoder(input_ids, attention_mask)`.
+    """
+    from holocine_jax.vae import normalize_latents  # only needed for video batches
+
+    if "latents" in batch:
+        latents = jnp.asarray(batch["latents"], jnp.float32)
+    elif "video" in batch:
+        if vae is None:
+            raise ValueError("the batch holds 'video' but no vae was given to encode it")
+        latents = normalize_latents(jnp.asarray(vae.encode(jnp.asarray(batch["video"], jnp.float32))), config)
+    else:
+        raise KeyError(f"the batch needs 'latents' or 'video'; it has {sorted(batch)}")
+    if "text_states" in batch:
+        text = jnp.asarray(batch["text_states"], jnp.float32)
+    elif "input_ids" in batch:
+        if text_encoder is None:
+            raise ValueError("the batch holds 'input_ids' but no text_encoder was given")
+        if "attention_mask" not in batch:
+            raise KeyError("the batch holds 'input_ids' without 'attention_mask'")
+        text = jnp.asarray(text_encoder(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])),
+                           jnp.float32)
+    else:
+        raise KeyError(f"the batch needs 'text_states' or 'input_ids'; it has {sorted(batch)}")
+    if latents.ndim != 5 or text.ndim != 3 or latents.shape[0] != text.shape[0]:
+        raise ValueError(f"latents {latents.shape} must be [B, F, H, W, C] and text states "
+                         f"{text.shape} [B, Lt, Dt] with the same B")
+    return dict(latents=latents, text_states=text, layout=batch.get("layout"))

@@ -201,6 +201,10 @@ class AutoencoderKLWan(nnx.Module):
     def stride(self) -> tuple:
         return self.arch.stride
 
+    @property
+    def z_dim(self) -> int:
+        return self.arch.z_dim
+
     def encode_chunk(self, frames, cache=None):
         """frames [B, 1 | 4, H, W, 3] -> (mean latents [B, 1, h, w, z], cache)."""
         x, cache = self.encoder(patchify(frames, self.arch.patch_size or 1), cache)

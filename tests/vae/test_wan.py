@@ -1,0 +1,88 @@
+"""Wan VAE 2.1 / 2.2 == diffusers' AutoencoderKLWan (the independent reference), float32."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from holocine_jax.vae import AutoencoderKLWan, WanVAEArch, load_diffusers_vae
+from holocine_jax.vae.wan import decode_jit, encode_jit
+from vae_cases import ARCHS, pixel_size, torch_decode, torch_encode, torch_vae
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def pair(request, tmp_path_factory):
+    """(version, diffusers model, our model loaded from its save_pretrained folder)."""
+    model = torch_vae(request.param)
+    path = tmp_path_factory.mktemp(f"vae{request.param}")
+    model.save_pretrained(path)
+    return request.param, model, load_diffusers_vae(str(path))
+
+
+def _err(ours, ref):
+    return float(np.max(np.abs(np.asarray(ours) - ref)) / max(np.max(np.abs(ref)), 1e-6))
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9, 13])
+def test_encode_decode_match_diffusers(pair, frames):
+    """Eager (no compile time): the same chunk loop as the jitted program, run op by op."""
+    version, model, vae = pair
+    s = pixel_size(version)
+    video = np.random.default_rng(frames).uniform(-1, 1, (2, frames, s, s, 3)).astype(np.float32)
+    ref = torch_encode(model, video)
+    z = ref * 0.5  # latents of the reference, scaled so that few pixels clip
+    ref_video = torch_decode(model, z)
+    assert np.mean(np.abs(ref_video) < 1) > 0.5, "decoder saturates: the comparison would be vacuous"
+    with jax.disable_jit():
+        latents = vae.encode(jnp.asarray(video))
+        out = vae.decode(jnp.asarray(z))
+    assert latents.shape == ref.shape == (2, (frames - 1) // 4 + 1, 2, 2, ARCHS[version]["z_dim"])
+    assert _err(latents, ref) <= 1e-4
+    assert out.shape == ref_video.shape == (2, frames, s, s, 3)
+    assert _err(out, ref_video) <= 1e-4
+
+
+def test_long_film_compiled_matches_diffusers_in_flat_memory(pair):
+    """The jitted scan over chunks equals diffusers on a long film, and its compiled temp bytes
+    (peak working memory) for 12 latent frames are no more than for 4 (outputs do grow)."""
+    version, model, vae = pair
+    graphdef, state = nnx.split(vae)
+    s, zc = pixel_size(version), ARCHS[version]["z_dim"]
+    rng = np.random.default_rng(7)
+    dec, enc = {}, {}
+    for f in (4, 12):
+        dec[f] = decode_jit.lower(graphdef, state, jax.ShapeDtypeStruct((1, f, 2, 2, zc), jnp.float32)).compile()
+        video_shape = jax.ShapeDtypeStruct((1, 4 * (f - 1) + 1, s, s, 3), jnp.float32)
+        enc[f] = encode_jit.lower(graphdef, state, video_shape).compile()
+    mem = lambda c: c.memory_analysis()  # noqa: E731
+    assert mem(dec[12]).output_size_in_bytes > 2 * mem(dec[4]).output_size_in_bytes
+    assert mem(dec[12]).temp_size_in_bytes <= mem(dec[4]).temp_size_in_bytes
+    assert mem(enc[12]).temp_size_in_bytes <= mem(enc[4]).temp_size_in_bytes
+
+    z = rng.standard_normal((1, 12, 2, 2, zc)).astype(np.float32) * 0.5
+    ref = torch_decode(model, z)
+    out = dec[12](state, jnp.asarray(z))
+    assert out.shape == ref.shape == (1, 45, s, s, 3)
+    assert _err(out, ref) <= 1e-4
+    video = rng.uniform(-1, 1, (1, 45, s, s, 3)).astype(np.float32)
+    assert _err(enc[12](state, jnp.asarray(video)), torch_encode(model, video)) <= 1e-4
+
+
+def _arch(version):
+    return WanVAEArch.from_dict(ARCHS[version])
+
+
+def test_bad_inputs_are_named():
+    vae = nnx.eval_shape(lambda: AutoencoderKLWan(_arch("2.1")))  # errors come before any compute
+    with pytest.raises(ValueError, match="6 frames.*4n\\+1"):
+        vae.encode(jnp.zeros((1, 6, 16, 16, 3)))
+    with pytest.raises(ValueError, match="not a multiple of the VAE stride 8x8"):
+        vae.encode(jnp.zeros((1, 5, 12, 16, 3)))
+    with pytest.raises(ValueError, match=r"\[B, T, H, W, 3\]"):
+        vae.encode(jnp.zeros((1, 5, 16, 16, 4)))
+    with pytest.raises(ValueError, match="latents must be"):
+        vae.decode(jnp.zeros((1, 2, 2, 2, 5)))
+    with pytest.raises(ValueError, match="temperal_downsample"):
+        WanVAEArch.from_dict(dict(dim_mult=[1, 2], temperal_downsample=[True, True]))
+    with pytest.raises(ValueError, match="attn_scales"):
+        WanVAEArch.from_dict(dict(attn_scales=[1.0]))

@@ -18,7 +18,7 @@ def small_config(**sample):
     c = tiny_config(num_layers=1)
     c.video.num_frames, c.video.height, c.video.width = 9, 32, 32  # latents [B, 3, 4, 4, 16]
     with c.ignore_type():  # guidance_scale may become a per-expert tuple
-        c.sample.update(num_steps=STEPS, **sample)
+        c.sample.update(**{"num_steps": STEPS, **sample})
     return c
 
 

@@ -96,7 +96,7 @@ def make_timestep_sampler(config) -> TimestepSampler:
     if names:
         if expert not in names:
             raise ValueError(f"config.expert={expert!r}; this config trains one of the experts {names}")
-        split = expert_split(config.experts.boundary, tc.shift)
+        split = expert_split(config.experts.boundary, tc.shift, discrete=tc.timesteps == "holocine")
         p_lo, p_hi = (p_lo, min(p_hi, split)) if expert == names[0] else (max(p_lo, split), p_hi)
         if p_lo >= p_hi:
             raise ValueError(f"expert {expert!r} (split at position {split}) has no timesteps in "
@@ -105,11 +105,13 @@ def make_timestep_sampler(config) -> TimestepSampler:
                            float(tc.logit_mean), float(tc.logit_std))
 
 
-def expert_split(boundary: float, shift: float) -> float:
-    """Schedule position where σ falls below `boundary`; in the holocine table the first index
-    with σ_i < boundary divided by 1000 (0.417 for boundary 0.875, shift 5)."""
-    sigmas = holocine_tables(shift)[0]
-    return float(np.sum(sigmas >= boundary)) / NUM_TRAIN_TIMESTEPS
+def expert_split(boundary: float, shift: float, *, discrete: bool) -> float:
+    """Schedule position p where σ falls below `boundary`: exactly 1 - unshift(boundary), or for
+    the discrete holocine table the first index with σ_i < boundary over 1000 (0.417 for
+    boundary 0.875, shift 5)."""
+    if not discrete:
+        return float(1.0 - unshift_sigma(boundary, shift))
+    return float(np.sum(holocine_tables(shift)[0] >= boundary)) / NUM_TRAIN_TIMESTEPS
 
 
 def noised(x0, noise, sigmas):

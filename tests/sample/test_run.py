@@ -37,8 +37,7 @@ def stand_in_text_stack(config):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    config = sample_config()
-    return save_params(random_model(config, 0), str(tmp_path_factory.mktemp("ck") / "ckpt"))
+    return save_params(random_model(0), str(tmp_path_factory.mktemp("ck") / "ckpt"))
 
 
 def sample_config():

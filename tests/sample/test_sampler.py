@@ -1,4 +1,6 @@
 """The sampling loop: guidance, expert switch, batched layouts and determinism on a tiny DiT."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +24,11 @@ def small_config(**sample):
     return c
 
 
-def random_model(config, seed):
-    """A tiny DiT with a non-zero output head (WanDiT zero-initialises proj_out)."""
-    model = WanDiT(config, rngs=nnx.Rngs(seed))
+@functools.lru_cache(maxsize=4)
+def random_model(seed):
+    """A tiny DiT of `small_config()` with a non-zero output head (WanDiT zero-initialises
+    proj_out). Cached: construction dominates these tests' time; tests never mutate it."""
+    model = WanDiT(small_config(), rngs=nnx.Rngs(seed))
     kernel = model.proj_out.kernel
     kernel[...] = 0.05 * jax.random.normal(jax.random.key(seed + 100), kernel.shape)
     return model
@@ -32,9 +36,8 @@ def random_model(config, seed):
 
 @pytest.fixture(scope="module")
 def models():
-    """Two tiny experts, shared by the tests (construction dominates their time)."""
-    config = small_config()
-    return [random_model(config, 0), random_model(config, 1)]
+    """Two tiny experts (high noise, low noise)."""
+    return [random_model(0), random_model(1)]
 
 
 def inputs(config, batch, rng):
@@ -49,18 +52,20 @@ def layout_for(cuts, windows=None, pad=None):
                                        text_windows=windows, text_pad_start=pad)
 
 
+_forward = nnx.jit(lambda model, *args: model(*args))
+
+
 def reference_euler(models, config, text, negative, layout, key, scales, switch_at):
     """The guided Euler loop written out: v = v_neg + g (v_pos - v_neg); x += v dsigma."""
     sched = make_scheduler("euler", num_steps=STEPS, shift=config.sample.shift)
     x = initial_noise(key, latent_shape(config, text.shape[0]))
     b = text.shape[0]
     layout = layout.broadcast_to_batch(b)
-    forward = nnx.jit(lambda model, *args: model(*args))
     for i in range(STEPS):
         e = 0 if i < switch_at else 1
         t = jnp.full((b,), sched.timesteps[i])
-        pos = forward(models[e], x, t, text, layout)
-        neg = forward(models[e], x, t, jnp.broadcast_to(negative, text.shape),
+        pos = _forward(models[e], x, t, text, layout)
+        neg = _forward(models[e], x, t, jnp.broadcast_to(negative, text.shape),
                       layout.without_text_windows())
         v = neg + scales[e] * (pos - neg)
         x = x + v * (sched.sigmas[i + 1] - sched.sigmas[i])

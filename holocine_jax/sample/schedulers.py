@@ -32,30 +32,26 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-NUM_TRAIN_TIMESTEPS = 1000
+from holocine_jax.train.objective import NUM_TRAIN_TIMESTEPS, shift_sigma
+
 SCHEDULERS = ("euler", "unipc")
 UNIPC_GRIDS = ("diffusers", "wan")
-
-
-def shift_sigmas(sigmas, shift: float):
-    """The timestep shift sigma' = k sigma / (1 + (k - 1) sigma)."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def flow_grid(kind: str, num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas [N+1] float32 ending in 0, timesteps [N] float32) of a grid (module docstring)."""
     n = num_steps
     if kind == "euler":
-        s = shift_sigmas(np.linspace(1.0, 0.0, n + 1)[:-1], shift)
+        s = shift_sigma(np.linspace(1.0, 0.0, n + 1)[:-1], shift)
         t = (s.astype(np.float32) * np.float32(NUM_TRAIN_TIMESTEPS))
     elif kind in UNIPC_GRIDS:
         if kind == "diffusers":
-            s = shift_sigmas(np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, n + 1)[:-1], shift)
+            s = shift_sigma(np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, n + 1)[:-1], shift)
             if abs(s[0] - 1.0) < 1e-6:  # keeps log(alpha) finite at the first steps
                 s[0] -= 1e-6
         else:  # the official scheduler's sigma_max is float32(1 - 1/1000) read back as a float
             sigma_max = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
-            s = shift_sigmas(np.linspace(sigma_max, 0.0, n + 1)[:-1], shift)
+            s = shift_sigma(np.linspace(sigma_max, 0.0, n + 1)[:-1], shift)
         t = (s * NUM_TRAIN_TIMESTEPS).astype(np.int64).astype(np.float32)
     else:
         raise ValueError(f"unknown sigma grid {kind!r}")

@@ -66,8 +66,8 @@ def test_encode_decode_match_diffusers(pair, compiled, frames):
     assert _err(out, ref_video) <= 1e-4
 
 
-def test_public_methods_run_the_same_programs(pair):
-    """`vae.encode` / `vae.decode` are `encode_jit` / `decode_jit` on `nnx.split(vae)`."""
+def test_public_methods_match_diffusers_on_a_batch(pair):
+    """`vae.encode` / `vae.decode` (shape checks, then the jitted programs) on a batch of 2."""
     version, model, vae = pair
     s = pixel_size(version)
     video = np.random.default_rng(3).uniform(-1, 1, (2, 1, s, s, 3)).astype(np.float32)

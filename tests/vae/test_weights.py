@@ -101,6 +101,11 @@ def test_official_22_loads_like_diffusers(tmp_path):
     ours = load_official_vae(str(tmp_path / "Wan2.2_VAE.safetensors"), ARCHS["2.2"])
     ref = load_diffusers_vae(str(tmp_path / "diffusers"))
     assert all(np.array_equal(a, b) for a, b in zip(params(ours), params(ref)))
+    # make_vae: a file without config.json is read with official names and config.vae's architecture.
+    config = load_config("wan22_ti2v_5b", [f"--config.vae.path={tmp_path / 'Wan2.2_VAE.safetensors'}"])
+    config.vae.update({k: tuple(v) if isinstance(v, list) else v for k, v in ARCHS["2.2"].items()
+                       if k in config.vae})
+    assert all(np.array_equal(a, b) for a, b in zip(params(make_vae(config)), params(ref)))
 
 
 def test_make_vae_loads_a_diffusers_folder_and_checks_the_config(tmp_path):

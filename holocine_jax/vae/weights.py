@@ -118,7 +118,7 @@ def official_to_diffusers_vae(name: str, arch: WanVAEArch) -> str | None:
     if m:
         head, rest = f"{m.group(1)}.mid_block.{_MIDDLE[m.group(2)]}", m.group(3)
     elif arch.is_residual:
-        m = re.match(r"^(encoder\.downsamples|decoder\.upsamples)\.(\d+)\.(?:downsamples|upsamples)\.(\d+)\.(.*)$", name)
+        m = re.match(r"^(encoder\.downsamples|decoder\.upsamples)\.(\d+)\.(?:down|up)samples\.(\d+)\.(.*)$", name)
         if not m:
             return None
         enc, i, j, rest = m.group(1).startswith("encoder"), m.group(2), int(m.group(3)), m.group(4)

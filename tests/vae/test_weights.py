@@ -6,15 +6,16 @@ import re
 import jax
 import numpy as np
 import pytest
+import torch
 from diffusers import AutoencoderKLWan as TorchWanVAE
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from configs.base import WAN_VAE_LATENTS
+from configs.base import WAN_VAE_LATENTS, WAN_VAES
 from holocine_jax.config import load_config
-from holocine_jax.vae import WanVAEArch, load_diffusers_vae, load_official_vae, make_vae
-from holocine_jax.vae.weights import CheckpointMismatchError, official_to_diffusers_vae
+from holocine_jax.vae import AutoencoderKLWan, WanVAEArch, load_diffusers_vae, load_official_vae, make_vae
+from holocine_jax.vae.weights import CheckpointMismatchError, official_to_diffusers_vae, vae_layout
 from vae_cases import ARCHS, torch_vae
 
 _RES = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
@@ -144,3 +145,14 @@ def test_wan_latent_tables_match_diffusers():
     np.testing.assert_array_equal(WAN_VAE_LATENTS["2.1"]["latents_std"], sig["latents_std"].default)
     assert all(len(WAN_VAE_LATENTS["2.2"][k]) == 48 for k in ("latents_mean", "latents_std"))
     assert min(WAN_VAE_LATENTS["2.2"]["latents_std"]) > 0
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_real_size_layout_matches_diffusers(version):
+    """configs/base.py's WAN_VAES rows build exactly diffusers' full-size Wan VAEs (names, shapes)."""
+    row = WAN_VAES[version]
+    with torch.device("meta"):
+        ref = TorchWanVAE(**{k: list(v) if isinstance(v, tuple) else v for k, v in row.items() if k != "stride"})
+    ours = vae_layout(nnx.eval_shape(lambda: AutoencoderKLWan(WanVAEArch.from_dict(row))))
+    assert {k: tuple(v.shape) for k, v in ref.state_dict().items()} == {k: e.shape for k, e in ours.items()}
+    assert WanVAEArch.from_dict(row).stride == tuple(row["stride"])

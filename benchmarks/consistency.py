@@ -31,6 +31,7 @@ from holocine_jax.eval.job import score_films
 from holocine_jax.sample.run import FilmRequest, encode_texts, film_layout, generate, text_stack
 from holocine_jax.shots import ShotLayout
 from holocine_jax.train.loop import run_training
+from holocine_jax.train.metrics import read_metrics
 from holocine_jax.vae import make_vae, normalize_latents
 
 MODES = ("sparse", "full", "independent")
@@ -104,6 +105,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="CFG scale; 1 by default: the tiny model trains without caption dropout, "
+                        "so an unconditional pass has nothing learned to contrast with")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs in --workdir (e.g. to --steps more) instead of restarting")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--workdir", default="/tmp/holocine-consistency")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
@@ -114,7 +120,8 @@ def main(argv=None):
     config.train.update(steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
                         warmup_steps=min(50, args.steps // 10), log_every=50,
                         checkpoint_every=args.steps, keep_checkpoints=1)
-    config.sample.update(num_steps=args.sample_steps, batch_size=args.eval_films)
+    config.sample.update(num_steps=args.sample_steps, batch_size=args.eval_films,
+                         guidance_scale=args.guidance)
     tokenizer, encoder = text_stack(config)
     vae = make_vae(config)
     train = world_films(config, range(args.train_films))
@@ -128,7 +135,8 @@ def main(argv=None):
         cfg = config.copy_and_resolve_references()
         cfg.attention.mode = mode
         work = os.path.join(args.workdir, mode)
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.resume:
+            shutil.rmtree(work, ignore_errors=True)
         t0 = time.perf_counter()
         summary = run_training(cfg, work, batches=WorldBatches(*data, args.batch, cfg.seed))
         train_s = time.perf_counter() - t0
@@ -138,11 +146,13 @@ def main(argv=None):
         for i, _, clip, _ in generate(cfg, [model], tokenizer, encoder, vae, films, progress=False):
             clips[i] = clip
         metrics = score_films(cfg, clips, films, [s.shot_attributes() for _, s in held_out])
-        rows[mode] = dict(metrics, first_loss=summary["first_loss"], loss=summary["loss"],
-                          train_seconds=train_s,
+        losses = {k: v["train/loss"] for k, v in read_metrics(summary["metrics_path"]).items()
+                  if "train/loss" in v}
+        rows[mode] = dict(metrics, steps=summary["step"], first_loss=losses[min(losses)],
+                          loss=losses[max(losses)], train_seconds=train_s,
                           attention_gflops=attention_flops(cfg, eval_layouts, mode) / 1e9)
-        print(f"{mode}: loss {summary['first_loss']:.4f} -> {summary['loss']:.4f}, "
-              f"{train_s:.0f}s, identity {metrics['identity_consistency']}")
+        print(f"{mode}: step {summary['step']}, loss {rows[mode]['loss']:.4f}, {train_s:.0f}s, "
+              f"identity {metrics['identity_consistency']}")
     names = SHOWN + ("attention_gflops", "loss")
     print("\n" + "metric".ljust(24) + "".join(m.rjust(13) for m in rows))
     for name in names:

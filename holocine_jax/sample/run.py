@@ -139,7 +139,8 @@ def load_experts(config, checkpoint):
 
 
 def generate(config, models, tokenizer, encoder, vae, films, *, progress=True):
-    """Yield (film, frames uint8 [T, H, W, 3], layout) for every request, batched by frames."""
+    """Yield (index, film, frames uint8 [T, H, W, 3], layout) for every request; films of equal
+    frame count are denoised `config.sample.batch_size` at a time, seeds per film."""
     from holocine_jax.vae import denormalize_latents
 
     lt = config.model.text_len

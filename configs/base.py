@@ -126,8 +126,14 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
     # Sections owned by the packages that read them (text/, vae/, data/, train/, eval/).
     c.text = ml_collections.ConfigDict(dict(
-        path="",                  # local transformers-layout UMT5 directory (weights + tokenizer)
+        path="",                  # local transformers-layout UMT5 directory (weights + tokenizer);
+                                  # "": the seeded UMT5 + world tokenizer of the synthetic world
+        tokenizer_path="",        # tokenizer dir / tokenizer.json ("": path)
         d_model=c.model.text_dim, # UMT5-XXL: 4096
+        dtype="bfloat16",         # UMT5 matmul dtype (norms, softmax in f32); Wan runs T5 in bf16
+        param_dtype="bfloat16",   # the official file is bf16
+        # The seeded UMT5 (path ""): d_model = model.text_dim, vocabulary = the world's words.
+        num_layers=2, num_heads=4, d_kv=8, d_ff=64, seed=0,
     ))
     c.data = ml_collections.ConfigDict(dict(
         path="",                  # TFDS/ArrayRecord dataset directory (`holocine-jax data ...`)

@@ -11,6 +11,7 @@ def get_config():
     c.shots.max_shots = 4
     c.attention.block_q = 32
     c.attention.block_kv = 32
+    c.text.dtype = c.text.param_dtype = "float32"  # the seeded UMT5 (config.text, path "")
     # Analytic DCT autoencoder (vae/dct.py) with Wan 2.1's latent geometry (z16, 4x8x8); latent
     # statistics measured on synthetic-world films (seeds 0-5, 64x64, 33 frames).
     c.vae.kind = "dct"

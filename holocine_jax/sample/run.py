@@ -16,7 +16,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from holocine_jax import prompts
 from holocine_jax.sample.output import to_uint8, write_film
@@ -78,29 +77,17 @@ def check_request(film: FilmRequest) -> int:
 
 
 def text_stack(config):
-    """(tokenizer, encoder): UMT5 from config.text.path, else the tiny world's seeded pair."""
-    from holocine_jax import text
+    """(tokenizer, encoder) of config.text: UMT5 from `path`, else the tiny world's seeded pair."""
+    from holocine_jax.text import load_text_stack
 
-    if config.text.path:
-        return text.load_tokenizer(config.text.path), text.load_umt5(config.text.path)
-    return text.world_tokenizer(), text.tiny_text_encoder(config)
+    return load_text_stack(config)
 
 
 def encode_texts(tokenizer, encoder, texts, text_len: int) -> jax.Array:
     """[B, text_len, D] text states of the prompts (padded, states past the length zeroed)."""
-    ids, mask = (jnp.asarray(a) for a in _tokenize(tokenizer, texts, text_len))
-    return encoder(ids, mask)
+    from holocine_jax.text import encode_text
 
-
-def _tokenize(tokenizer, texts, text_len: int):
-    """(input_ids, attention_mask) int32 [B, text_len] for a tokenizers.Tokenizer or HF one."""
-    ids, mask = np.zeros((len(texts), text_len), np.int32), np.zeros((len(texts), text_len), np.int32)
-    for i, t in enumerate(texts):
-        t = prompts.clean_prompt(t)
-        row = (tokenizer.encode(t).ids if hasattr(tokenizer, "encode_batch")
-               else tokenizer(t)["input_ids"])[:text_len]
-        ids[i, :len(row)], mask[i, :len(row)] = row, 1
-    return ids, mask
+    return encode_text(encoder, tokenizer, list(texts), text_len)[0]
 
 
 def film_layout(config, film: FilmRequest, tokenizer) -> ShotLayout:

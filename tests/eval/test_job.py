@@ -12,7 +12,6 @@ from holocine_jax.data.synthetic import FilmSpec, render_film
 from holocine_jax.eval import job
 from holocine_jax.eval.metrics import METRIC_NAMES
 from holocine_jax.vae import make_vae
-from tests.sample.test_run import stand_in_text_stack
 from tests.sample.test_sampler import random_model, small_config
 
 
@@ -61,8 +60,7 @@ def test_ground_truth_films_score_perfectly(dataset):
         assert got[name] == 1.0, (name, got)
 
 
-def test_run_eval_writes_each_step_once(tmp_path, dataset, monkeypatch):
-    monkeypatch.setattr(job, "text_stack", stand_in_text_stack)
+def test_run_eval_writes_each_step_once(tmp_path, dataset):
     config = eval_config()
     ckpt, work = str(tmp_path / "ckpt"), str(tmp_path / "work")
     save_steps(ckpt, config, [1, 2])
@@ -86,7 +84,7 @@ def test_run_eval_writes_each_step_once(tmp_path, dataset, monkeypatch):
     # Sampling is deterministic: step 1 again gives the same numbers.
     again = job.evaluate_checkpoint(config, ckpt, 1, *job.eval_films(config, dataset),
                                     str(tmp_path / "again"),
-                                    stack=(*stand_in_text_stack(config), make_vae(config)))
+                                    stack=(*job.text_stack(config), make_vae(config)))
     assert again == results[1]
 
 

@@ -1,38 +1,16 @@
-"""`run_sample` end to end on a tiny checkpoint: files written, layouts, and bad input."""
+"""`run_sample` end to end on a tiny checkpoint with the world text stack: files, bad input."""
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from holocine_jax.checkpoint import save_params
-from holocine_jax.data.synthetic import caption_vocabulary
 from holocine_jax.data.video import read_video
 from holocine_jax.prompts import build_prompt
 from holocine_jax.sample import run
 from tests.sample.test_sampler import random_model, small_config
-
-
-def stand_in_text_stack(config):
-    """A word-level tokenizer over the world's words and a seeded embedding-table encoder."""
-    words = list(caption_vocabulary()) + ["[global caption]", "[per shot caption]", "[shot cut]",
-                                          "this", "scene", "contains", "shots", "2", "3", "[UNK]"]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(
-        r"\[global caption\]|\[per shot caption\]|\[shot cut\]", "isolated"),
-        pre_tokenizers.Whitespace()])
-    tok.normalizer = None
-    table = jax.random.normal(jax.random.key(0), (len(vocab), config.model.text_dim))
-
-    def encoder(ids, mask):
-        return table[ids] * mask[..., None]
-
-    return tok, encoder
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +33,7 @@ def prompt(n):
                         shots)
 
 
-def test_prompt_file_films_written(tmp_path, checkpoint, monkeypatch):
-    monkeypatch.setattr(run, "text_stack", stand_in_text_stack)
+def test_prompt_file_films_written(tmp_path, checkpoint):
     path = tmp_path / "films.jsonl"
     path.write_text("\n".join(json.dumps(d) for d in [
         dict(prompt=prompt(2), cuts=[5], seed=7),
@@ -77,8 +54,7 @@ def test_prompt_file_films_written(tmp_path, checkpoint, monkeypatch):
     assert json.load(open(written[1]["json"]))["cut_frames"] == [1, 5]  # even cuts of 9 frames
 
 
-def test_bad_input(tmp_path, checkpoint, monkeypatch):
-    monkeypatch.setattr(run, "text_stack", stand_in_text_stack)
+def test_bad_input(tmp_path, checkpoint):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(dict(prompt=prompt(2))) + "\n" +
                     json.dumps(dict(prompt=prompt(3), cuts=[5])) + "\n")

@@ -1,4 +1,7 @@
 """UMT5 encoder parity with transformers' UMT5EncoderModel (tiny, random, float32)."""
+import math
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -62,6 +65,28 @@ def test_matches_transformers_on_padded_batch(tmp_path, proj):
     np.testing.assert_allclose(alone[0], out[2, :LENGTHS[2]], atol=1e-5 * np.abs(out).max())
 
 
+def wan_forward(sd: dict, ids, mask, num_heads: int, buckets) -> np.ndarray:
+    """Wan's `T5Encoder.forward` (wan/modules/t5.py) written out over the official names:
+    RMS norms, unscaled attention + per-block position bias, `fc2(fc1(x) * gelu_tanh(gate.0(x)))`."""
+    norm = lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))  # noqa: E731
+    gelu = lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))  # noqa: E731
+    ids, mask = torch.tensor(ids), torch.tensor(mask)
+    x = sd["token_embedding.weight"][ids]
+    b, length, _ = x.shape
+    masked = torch.zeros(b, 1, 1, length).masked_fill(mask[:, None, None] == 0, torch.finfo(x.dtype).min)
+    layers = 1 + max(int(n.split(".")[1]) for n in sd if n.startswith("blocks."))
+    for i in range(layers):
+        w = lambda n: sd[f"blocks.{i}.{n}.weight"]  # noqa: E731
+        h = norm(x, w("norm1"))
+        q, k, v = ((h @ w(f"attn.{n}").T).view(b, length, num_heads, -1) for n in "qkv")
+        pos = w("pos_embedding.embedding")[buckets].permute(2, 0, 1)[None]
+        attn = (torch.einsum("binc,bjnc->bnij", q, k) + pos + masked).softmax(-1)
+        x = x + torch.einsum("bnij,bjnc->binc", attn, v).reshape(b, length, -1) @ w("attn.o").T
+        h = norm(x, w("norm2"))
+        x = x + (h @ w("ffn.fc1").T * gelu(h @ w("ffn.gate.0").T)) @ w("ffn.fc2").T
+    return (norm(x, sd["norm.weight"]) * mask[..., None]).numpy()
+
+
 def test_official_wan_names(tmp_path):
     model = hf_encoder("gated-gelu")
     official = {}
@@ -75,18 +100,41 @@ def test_official_wan_names(tmp_path):
                         ("layer.1.layer_norm", "norm2"), ("layer.1.DenseReluDense.wi_0", "ffn.gate.0"),
                         ("layer.1.DenseReluDense.wi_1", "ffn.fc1"), ("layer.1.DenseReluDense.wo", "ffn.fc2")]:
             src = src.replace(hf, wan)
-        official[src.replace("encoder.block.", "blocks.")] = tensor.contiguous()
+        official[src.replace("encoder.block.", "blocks.")] = tensor.clone()
     assert all(official_to_transformers(n) for n in official)
     file = tmp_path / "models_t5_umt5-enc.safetensors"
     save_file(official, str(file))
     ours = load_umt5(str(file), dtype="float32", param_dtype="float32")
-    # the official file has no config: Wan's max distance 128 is assumed; ours used 12 above
+    # the official file has no config: Wan's max distance 128 is assumed
     assert ours.arch.relative_attention_max_distance == 128 and ours.arch.num_layers == 2
-    model.config.relative_attention_max_distance = 128
-    for block in model.encoder.block:
-        block.layer[0].SelfAttention.relative_attention_max_distance = 128
     ids, mask = batch()
-    assert_close(ours(ids, mask), reference(model, ids, mask))
+    attn = model.encoder.block[0].layer[0].SelfAttention
+    attn.relative_attention_max_distance = 128  # transformers' bucketing, with Wan's distance
+    pos = torch.arange(ids.shape[1])
+    buckets = attn._relative_position_bucket(pos[None] - pos[:, None])
+    with torch.no_grad():
+        want = wan_forward(official, ids, mask, num_heads=4, buckets=buckets)
+    assert_close(ours(ids, mask), want)
+
+
+def test_bfloat16_error_is_like_transformers(tmp_path):
+    """bfloat16 weights + compute (the released dtype): our error against float32 is of the size
+    of transformers' own bfloat16 error."""
+    model = hf_encoder("gated-gelu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    ids, mask = batch()
+    want = reference(model, ids, mask)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+    theirs_err = np.abs(theirs.float().numpy() * mask[..., None] - want).max()
+    ours = load_umt5(str(tmp_path))  # dtype from config.json: bfloat16
+    assert ours.shared.embedding.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(ours(ids, mask)) - want).max()
+    assert err <= 2 * theirs_err, (err, theirs_err)
 
 
 def test_buckets_match_transformers():

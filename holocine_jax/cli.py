@@ -1,4 +1,4 @@
-"""`holocine-jax` command line: demo | import | export | data.
+"""`holocine-jax` command line: demo | train | sample | eval | import | export | data.
 
 Every command takes `--config NAME|PATH` and `--config.key=value` overrides, and prints a
 one-line summary of what it wrote.
@@ -43,27 +43,79 @@ def cmd_export(args, overrides) -> str:
 
 
 def cmd_demo(args, overrides) -> str:
-    from holocine_jax.smoke import fit_random_batch
+    from holocine_jax.demo import run_demo
 
     config = load_config(args.config, overrides)
-    print("demo: the training issue has not landed yet, so this fits the tiny Wan DiT to one "
-          "random batch (jitted forward + backward + AdamW) instead of the synthetic world.")
     start = time.perf_counter()
-    history = fit_random_batch(config, steps=args.steps)
-    os.makedirs(args.workdir, exist_ok=True)
-    path = os.path.join(args.workdir, "demo_metrics.json")
-    with open(path, "w") as f:
-        json.dump({"config": config.name, "history": history,
-                   "seconds": time.perf_counter() - start}, f, indent=2)
-    first, last = history[0], history[-1]
-    return (f"demo: loss {first['loss']:.4f} -> {last['loss']:.4f} over {len(history)} steps "
-            f"({time.perf_counter() - start:.1f}s); metrics in {path}")
+    result = run_demo(config, args.workdir, num_films=args.num_films)
+    t, paths = result["train"], result["paths"]
+    m = {k: round(v, 3) for k, v in result["metrics"].items() if v is not None}
+    return (f"demo ({time.perf_counter() - start:.0f}s): trained {t['step']} steps, loss "
+            f"{t['first_loss']:.3f} -> {t['loss']:.3f}; film {paths['mp4']}, contact sheet "
+            f"{paths['contact_sheet']}, metrics {paths['metrics']} {m}")
+
+
+def cmd_train(args, overrides) -> str:
+    from holocine_jax.demo import train
+    from holocine_jax.text import load_text_stack
+    from holocine_jax.vae import make_vae
+
+    config = load_config(args.config, overrides)
+    data_dir = args.data or config.data.path
+    if not data_dir:
+        raise SystemExit("train: give the dataset with --data DIR or --config.data.path=DIR")
+    tokenizer, encoder = load_text_stack(config)
+    s = train(config, data_dir, args.workdir, tokenizer, encoder, make_vae(config))
+    return (f"trained steps {s['start_step']} -> {s['step']} (loss {s['loss']:.4f}, skipped "
+            f"{s['skipped']}{', preempted' if s['preempted'] else ''}); checkpoints in "
+            f"{s['checkpoint_dir']}, metrics in {s['metrics_path']}")
+
+
+def cmd_sample(args, overrides) -> str:
+    from holocine_jax.checkpoint import load_config_json
+    from holocine_jax.sample.run import FilmRequest, read_prompt_file, run_sample
+
+    config = load_config_json(args.checkpoint) if args.config is None else load_config(args.config)
+    for item in overrides:
+        apply_override(config, item)
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise SystemExit("sample: give exactly one of --prompt TEXT and --prompt-file F.jsonl")
+    if args.prompt_file:
+        films = read_prompt_file(args.prompt_file)
+    else:
+        cuts = tuple(int(c) for c in args.cuts.split(",")) if args.cuts else None
+        films = [FilmRequest(args.prompt, cuts, args.frames, args.seed)]
+    written = run_sample(config, args.checkpoint, films, args.out)
+    return f"sampled {len(written)} film(s) into {args.out}: " + ", ".join(w["mp4"] for w in written)
+
+
+def cmd_eval(args, overrides) -> str:
+    from holocine_jax.checkpoint import load_config_json
+    from holocine_jax.eval.job import run_eval
+
+    config = load_config_json(args.checkpoint) if args.config is None else load_config(args.config)
+    for item in overrides:
+        apply_override(config, item)
+    results = run_eval(config, args.checkpoint, args.data, args.workdir)
+    return (f"evaluated {len(results)} new checkpoint step(s) {sorted(results)}; metrics.json per "
+            f"step under {args.workdir}/eval")
 
 
 def cmd_data(args, overrides) -> str:
     from holocine_jax.data.dataset import build_dataset, write_synthetic_dataset
 
     config = load_config(args.config, overrides)
+    if args.data_command == "encode":
+        import jax
+
+        from holocine_jax.data.encode import encode_dataset
+
+        r = encode_dataset(args.data, config, batch_size=args.batch_size,
+                           records_per_file=args.records_per_file, overwrite=args.overwrite,
+                           progress=not args.quiet, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+        return (f"encoded {r['records']} records: {r['files_written']} files written, "
+                f"{r['files_skipped']} already done -> {r['cache_dir']}")
     if args.data_command == "synthetic":
         report = write_synthetic_dataset(args.out, args.num_films, args.seed, config)
     else:
@@ -79,13 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name, fn, help, default_config="tiny"):
         p = sub.add_parser(name, help=help)
-        p.add_argument("--config", default=default_config, help="config name or path (configs/)")
+        p.add_argument("--config", default=default_config,
+                       help="config name or path (configs/)" if default_config else
+                       "config name or path (default: the checkpoint's config.json)")
         p.set_defaults(fn=fn)
         return p
 
-    p = command("demo", cmd_demo, "run the main job on the embedded default (tiny, CPU)")
+    p = command("demo", cmd_demo, "synthetic data -> train tiny -> sample a film -> metrics (CPU)")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--num-films", type=int, default=64, help="synthetic training films")
+
+    p = command("train", cmd_train, "train (or resume) in --workdir on a dataset")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--data", help="dataset directory (default: config.data.path)")
+
+    for name, fn, text in (("sample", cmd_sample, "sample films from a checkpoint"),
+                           ("eval", cmd_eval, "evaluate every new step of a checkpoint")):
+        p = command(name, fn, text, default_config=None)
+        p.add_argument("--checkpoint", required=True)
+        if name == "sample":
+            p.add_argument("--prompt", help="a HoloCine-format prompt")
+            p.add_argument("--cuts", help="pixel cut frames, e.g. 37,73 (default: even)")
+            p.add_argument("--frames", type=int, help="pixel frames, 4t+1 (default: config)")
+            p.add_argument("--seed", type=int)
+            p.add_argument("--prompt-file", help="JSONL, one film per line")
+            p.add_argument("--out", required=True)
+        else:
+            p.add_argument("--data", required=True)
+            p.add_argument("--workdir", required=True)
 
     p = command("import", cmd_import, "import diffusers / official Wan weights into a checkpoint",
                 default_config="wan21_t2v_1_3b")
@@ -112,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--manifest", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--strict", action="store_true", help="fail on the first bad input instead of skipping")
+    q = data.add_parser("encode", help="cache VAE latents + UMT5 text states of a dataset (resumable)")
+    q.add_argument("--data", required=True, help="dataset directory (`data build` / `data synthetic` --out)")
+    q.add_argument("--batch-size", type=int, default=1)
+    q.add_argument("--records-per-file", type=int, default=256, help="records per cache file (the unit of resume)")
+    q.add_argument("--overwrite", action="store_true", help="discard an existing cache (e.g. after changing encoders)")
+    q.add_argument("--quiet", action="store_true", help="no per-file progress lines")
     return parser
 
 

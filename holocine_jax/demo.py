@@ -76,12 +76,12 @@ def sample_and_score(config, checkpoint: str, out_dir: str) -> dict:
 def run_demo(config, workdir: str, *, num_films: int = 64) -> dict:
     """Data -> training -> one sampled film -> metrics, all under `workdir`. Returns paths,
     the training summary and the film's metrics."""
-    from holocine_jax.sample.run import text_stack
+    from holocine_jax.text import load_text_stack
     from holocine_jax.vae import make_vae
 
     os.makedirs(workdir, exist_ok=True)
     data_dir = build_data(config, os.path.join(workdir, "data"), num_films)
-    tokenizer, encoder = text_stack(config)
+    tokenizer, encoder = load_text_stack(config)
     vae = make_vae(config)
     summary = train(config, data_dir, os.path.join(workdir, "train"), tokenizer, encoder, vae)
     film = sample_and_score(config, summary["checkpoint_dir"], os.path.join(workdir, "film"))

@@ -90,8 +90,9 @@ def sample_film(models, config, text_states, negative_states, layout, key, *, sc
 
     models: a WanDiT or one per `config.experts.names` (high-noise expert first, used while
     t >= config.experts.boundary * 1000). text_states: [B, Lt, D]; negative_states: [1 or B, Lt,
-    D]; layout: ShotLayout (batched [B] or one for all films) with the prompts' text windows; the
-    negative prompt uses the same cuts without windows. key: one PRNG key or [B] keys.
+    D]; layout: ShotLayout (batched [B] or one for all films) with the prompts' text windows, or
+    None (plain Wan); the negative prompt uses the same cuts without windows. key: one PRNG key
+    or [B] keys.
     """
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     scheduler = scheduler if scheduler is not None else scheduler_from_config(config)
@@ -102,8 +103,9 @@ def sample_film(models, config, text_states, negative_states, layout, key, *, sc
         raise ValueError(f"negative_states {negative_states.shape} do not match text_states "
                          f"{text_states.shape} (batch 1 or {b})")
     negative_states = jnp.broadcast_to(negative_states, text_states.shape)
-    layout = layout.broadcast_to_batch(b)
-    negative_layout = layout.without_text_windows()
+    if layout is not None:  # None: one shot, no windows (plain Wan)
+        layout = layout.broadcast_to_batch(b)
+    negative_layout = None if layout is None else layout.without_text_windows()
     x = initial_noise(key, latent_shape(config, b))
     state = scheduler.init_state(x)
     steps = {}

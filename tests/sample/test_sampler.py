@@ -60,13 +60,13 @@ def reference_euler(models, config, text, negative, layout, key, scales, switch_
     sched = make_scheduler("euler", num_steps=STEPS, shift=config.sample.shift)
     x = initial_noise(key, latent_shape(config, text.shape[0]))
     b = text.shape[0]
-    layout = layout.broadcast_to_batch(b)
+    layout = None if layout is None else layout.broadcast_to_batch(b)
+    negative_layout = None if layout is None else layout.without_text_windows()
     for i in range(STEPS):
         e = 0 if i < switch_at else 1
         t = jnp.full((b,), sched.timesteps[i])
         pos = _forward(models[e], x, t, text, layout)
-        neg = _forward(models[e], x, t, jnp.broadcast_to(negative, text.shape),
-                      layout.without_text_windows())
+        neg = _forward(models[e], x, t, jnp.broadcast_to(negative, text.shape), negative_layout)
         v = neg + scales[e] * (pos - neg)
         x = x + v * (sched.sigmas[i + 1] - sched.sigmas[i])
     return x
@@ -120,6 +120,10 @@ def test_guidance_one_skips_the_negative_pass(rng, models):
     out = sample_film(model, config, text, poisoned, layout_for([1]), jax.random.key(0),
                       progress=False)
     assert np.isnan(np.asarray(out)).all()
+    # Without a layout the model runs as plain Wan (one shot, no text windows).
+    plain = sample_film(model, config, text, negative, None, jax.random.key(0), progress=False)
+    want = reference_euler([model], config, text, negative, None, jax.random.key(0), (2.0,), 99)
+    np.testing.assert_allclose(plain, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_guidance_and_negative_shapes(rng, models):

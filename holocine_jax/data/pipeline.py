@@ -1,0 +1,187 @@
+"""The Grain input pipeline: dataset records -> training batches (DESIGN §9).
+
+    batches = make_pipeline("/data/synth", config, batch_size=8, seed=0, tokenizer=tok)
+    batch = next(batches)        # {"video" | "latents", "input_ids", "attention_mask" |
+                                 #  "text_states", "layout", "index"}, leading dim B
+    state = batches.get_state()  # JSON-able; set_state(state) resumes exactly
+
+Order of operations: random-access source (the TFDS ArrayRecord shards, or the `data encode`
+cache when `cached=True`) -> this host's slice (`shard_index::shard_count`) -> seeded shuffle,
+reshuffled every epoch -> per-record transform in Grain worker processes -> batching and skip
+accounting in the main process -> optional `jax.device_put` with the caller's sharding.
+
+A record that cannot be read or turned into an example (corrupt bytes, cuts that do not fit,
+a prompt longer than text_len, ...) is skipped, logged with its index and counted under
+`data/skipped/<reason>` (`skip_counts()`, together with the dataset build's own counts); it never
+stops training. The iterator state is Grain's position plus these counters.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+
+import grain
+import jax
+import numpy as np
+
+from holocine_jax import prompts
+from holocine_jax.shots import ShotLayout
+
+log = logging.getLogger(__name__)
+
+
+def latent_hw(config) -> tuple[int, int]:
+    """(h, w) token grid of the config's frames after the VAE and the patch embedding."""
+    _, sh, sw = config.vae.stride
+    _, ph, pw = config.model.patch_size
+    return config.video.height // sh // ph, config.video.width // sw // pw
+
+
+class _Skipped(dict):
+    """The transform's answer for a record it could not use: {"reason", "index", "detail"}."""
+
+
+class _SafeSource:
+    """Random access that turns a read error into a `_Skipped` marker instead of raising."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        try:
+            return (int(index), self.source[int(index)])
+        except Exception as e:  # a corrupt record must never kill the run
+            return (int(index), _Skipped(reason="unreadable_record", index=int(index), detail=repr(e)))
+
+
+class ExampleTransform(grain.transforms.Map):
+    """(index, record) -> one example of the batch contract (no batch dim), or `_Skipped`."""
+
+    def __init__(self, config, tokenizer=None, cached: bool = False):
+        self.config, self.tokenizer, self.cached = config, tokenizer, cached
+
+    def map(self, item):
+        index, record = item
+        if isinstance(record, _Skipped):
+            return record
+        try:
+            return self._example(index, record)
+        except ValueError as e:
+            return _Skipped(reason="invalid_example", index=index, detail=str(e))
+        except (KeyError, TypeError) as e:
+            return _Skipped(reason="malformed_record", index=index, detail=repr(e))
+
+    def _example(self, index, r) -> dict:
+        c = self.config
+        cuts = [int(x) for x in np.asarray(r["cut_frames"]).reshape(-1)]
+        out = dict(index=np.int64(index))
+        windows = pad_start = None
+        if self.cached:
+            num_frames = int(r["num_frames"])
+            out["latents"] = np.asarray(r["latents"], np.float32)
+            out["text_states"] = np.asarray(r["text_states"], np.float32)
+            windows, pad_start = np.asarray(r["text_windows"]), int(r["text_pad_start"])
+        else:
+            video = np.asarray(r["video"])
+            num_frames = video.shape[0]
+            if video.shape[1:] != (c.video.height, c.video.width, 3):
+                raise ValueError(f"record {index}: frames {video.shape[1:]} != config.video "
+                                 f"{(c.video.height, c.video.width, 3)}")
+            out["video"] = video.astype(np.float32) / 127.5 - 1.0
+            if self.tokenizer is not None:
+                from holocine_jax.text import tokenize
+
+                captions = [x.decode() if isinstance(x, bytes) else str(x) for x in r["shot_captions"]]
+                glob = r["global_caption"]
+                prompt = prompts.build_prompt(glob.decode() if isinstance(glob, bytes) else glob, captions)
+                ids, mask = tokenize(self.tokenizer, [prompt], c.model.text_len)
+                out["input_ids"], out["attention_mask"] = ids[0], mask[0]
+                tw = prompts.text_windows(prompt, self.tokenizer, num_shots=len(cuts) + 1,
+                                          text_len=c.model.text_len)
+                windows, pad_start = tw.windows, tw.pad_start
+        out["layout"] = ShotLayout.from_cuts(
+            num_frames, cuts, latent_hw=latent_hw(c), max_shots=c.shots.max_shots,
+            text_windows=windows, text_pad_start=pad_start, summary_frames=c.shots.summary_frames)
+        return out
+
+
+def _stack(examples: list[dict]) -> dict:
+    """Examples -> a batch dict with a leading batch dim (layouts via ShotLayout.stack)."""
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "layout"}
+    layouts = [e["layout"] for e in examples]
+    batch["layout"] = jax.tree.map(lambda *xs: np.stack(xs), *layouts)
+    return batch
+
+
+class DataPipeline:
+    """Iterator of batches with `get_state()` / `set_state()` and `skip_counts()`."""
+
+    def __init__(self, dataset: grain.MapDataset, *, batch_size: int, num_workers: int,
+                 sharding=None, build_skips: dict | None = None):
+        self.batch_size, self.sharding = int(batch_size), sharding
+        iter_ds = dataset.to_iter_dataset()
+        if num_workers > 0:
+            iter_ds = iter_ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+                num_workers=num_workers))
+        self._iter = iter(iter_ds)
+        self._skipped: collections.Counter = collections.Counter()
+        self._build_skips = dict(build_skips or {})
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        examples = []
+        while len(examples) < self.batch_size:
+            item = next(self._iter)  # StopIteration ends the data (num_epochs reached)
+            if isinstance(item, _Skipped):
+                self._skipped[item["reason"]] += 1
+                log.warning("skipping record %d (%s): %s", item["index"], item["reason"], item["detail"])
+                continue
+            examples.append(item)
+        batch = _stack(examples)
+        return batch if self.sharding is None else jax.device_put(batch, self.sharding)
+
+    def get_state(self) -> dict:
+        return dict(grain=self._iter.get_state(), skipped=dict(self._skipped))
+
+    def set_state(self, state: dict) -> None:
+        self._iter.set_state(state["grain"])
+        self._skipped = collections.Counter(state.get("skipped", {}))
+
+    def skip_counts(self) -> dict[str, int]:
+        """{"data/skipped/<reason>": n}: records skipped while iterating plus at build time."""
+        counts = collections.Counter(self._build_skips) + self._skipped
+        return {f"data/skipped/{k}": int(v) for k, v in sorted(counts.items())}
+
+
+def make_pipeline(data_dir: str, config, *, batch_size: int, seed: int, tokenizer=None,
+                  cached: bool = False, shard_index: int | None = None,
+                  shard_count: int | None = None, num_epochs: int | None = None,
+                  sharding=None) -> DataPipeline:
+    """Batches of this host's share of `data_dir`, shuffled with `seed`, for `num_epochs`
+    (None: forever). `cached=True` reads the `data encode` cache (latents + text states);
+    otherwise clips, tokenised with `tokenizer` when given. `sharding`: a jax Sharding for
+    every batch leaf (leading dim B), e.g. NamedSharding(mesh, P(("data", "fsdp"))).
+    """
+    from holocine_jax.data.dataset import load_data_source
+    from holocine_jax.data.encode import load_cached_source
+
+    shard_index = jax.process_index() if shard_index is None else int(shard_index)
+    shard_count = jax.process_count() if shard_count is None else int(shard_count)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
+    source = load_cached_source(data_dir) if cached else load_data_source(data_dir)
+    if len(source) < shard_count:
+        raise ValueError(f"{data_dir!r} has {len(source)} records, fewer than {shard_count} hosts")
+    ds = grain.MapDataset.source(_SafeSource(source))[shard_index::shard_count]
+    ds = ds.shuffle(seed=seed).repeat(num_epochs).map(ExampleTransform(config, tokenizer, cached))
+    report = os.path.join(data_dir, "build_report.json")
+    build_skips = json.load(open(report)).get("skipped", {}) if os.path.exists(report) else {}
+    return DataPipeline(ds, batch_size=batch_size, num_workers=int(config.data.num_workers),
+                        sharding=sharding, build_skips=build_skips)

@@ -15,12 +15,23 @@ from holocine_jax.convert import save_diffusers
 TINY_F32 = ["--config", "tiny", "--config.model.dtype=float32"]
 
 
-def test_demo_trains_and_reports(tmp_path, capsys):
-    main(["demo", "--workdir", str(tmp_path), "--steps", "8", "--config.model.num_layers=1"])
-    metrics = json.load(open(tmp_path / "demo_metrics.json"))
-    losses = [h["loss"] for h in metrics["history"]]
-    assert len(losses) == 8 and all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert "metrics in" in capsys.readouterr().out
+def test_demo_builds_data_trains_samples_and_scores(tmp_path, capsys):
+    small = ["--num-films", "6", "--config.train.steps=4", "--config.train.batch_size=2",
+             "--config.train.log_every=2", "--config.sample.num_steps=2",
+             "--config.model.num_layers=1"]
+    main(["demo", "--workdir", str(tmp_path), *small])
+    out = capsys.readouterr().out
+    assert "trained 4 steps" in out and "film.mp4" in out
+    for path in ("film/film.mp4", "film/contact_sheet.png", "film/film.json", "film/metrics.json",
+                 "train/metrics.jsonl", "data/build_report.json", "demo.json"):
+        assert (tmp_path / path).exists(), path
+    demo = json.load(open(tmp_path / "demo.json"))
+    assert np.isfinite(demo["train"]["loss"]) and demo["metrics"]["cut_recall"] is not None
+    film = json.load(open(tmp_path / "film" / "film.json"))
+    assert len(film["cut_frames"]) >= 1 and film["num_frames"] == 33
+    # A second run of the same workdir resumes: data kept, training already at its last step.
+    main(["demo", "--workdir", str(tmp_path), *small])
+    assert json.load(open(tmp_path / "demo.json"))["train"]["start_step"] == 4
 
 
 def test_import_then_export_round_trips(tmp_path, capsys):

@@ -24,6 +24,7 @@ import os
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 
 from holocine_jax import prompts
@@ -126,6 +127,8 @@ class DataPipeline:
         self.batch_size, self.sharding = int(batch_size), sharding
         iter_ds = dataset.to_iter_dataset()
         if num_workers > 0:
+            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; not run by absl.app
+                flags.FLAGS.mark_as_parsed()
             iter_ds = iter_ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
                 num_workers=num_workers))
         self._iter = iter(iter_ds)

@@ -25,6 +25,10 @@ setup(
         "array_record>=0.8",
         "importlib_resources>=6",
         "grain>=0.2.18",
+        "tokenizers>=0.20",              # local tokenizer.json files and the synthetic world's tokenizer
+        "tensorboardX>=2.6",             # TensorBoard event files behind clu's metric writers (no TF)
+        "Pillow>=10",                    # contact sheets
+        "absl-py>=2",
     ],
     extras_require={
         # Independent PyTorch references for the parity tests. torch itself is installed on the

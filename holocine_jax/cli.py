@@ -75,7 +75,8 @@ def cmd_sample(args, overrides) -> str:
     from holocine_jax.checkpoint import load_config_json
     from holocine_jax.sample.run import FilmRequest, read_prompt_file, run_sample
 
-    config = load_config_json(args.checkpoint) if args.config is None else load_config(args.config)
+    first = args.checkpoint[0]
+    config = load_config_json(first) if args.config is None else load_config(args.config)
     for item in overrides:
         apply_override(config, item)
     if (args.prompt is None) == (args.prompt_file is None):
@@ -85,7 +86,8 @@ def cmd_sample(args, overrides) -> str:
     else:
         cuts = tuple(int(c) for c in args.cuts.split(",")) if args.cuts else None
         films = [FilmRequest(args.prompt, cuts, args.frames, args.seed)]
-    written = run_sample(config, args.checkpoint, films, args.out)
+    written = run_sample(config, first if len(args.checkpoint) == 1 else args.checkpoint, films,
+                         args.out)
     return f"sampled {len(written)} film(s) into {args.out}: " + ", ".join(w["mp4"] for w in written)
 
 
@@ -148,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, text in (("sample", cmd_sample, "sample films from a checkpoint"),
                            ("eval", cmd_eval, "evaluate every new step of a checkpoint")):
         p = command(name, fn, text, default_config=None)
-        p.add_argument("--checkpoint", required=True)
         if name == "sample":
+            p.add_argument("--checkpoint", required=True, action="append",
+                           help="checkpoint directory; A14B: --checkpoint HIGH --checkpoint LOW")
             p.add_argument("--prompt", help="a HoloCine-format prompt")
             p.add_argument("--cuts", help="pixel cut frames, e.g. 37,73 (default: even)")
             p.add_argument("--frames", type=int, help="pixel frames, 4t+1 (default: config)")
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt-file", help="JSONL, one film per line")
             p.add_argument("--out", required=True)
         else:
+            p.add_argument("--checkpoint", required=True)
             p.add_argument("--data", required=True)
             p.add_argument("--workdir", required=True)
 

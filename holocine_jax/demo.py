@@ -45,12 +45,15 @@ def build_data(config, data_dir: str, num_films: int) -> str:
 
 
 def train(config, data_dir: str, workdir: str, tokenizer, encoder, vae) -> dict:
-    """Train (or resume) on the dataset through the Grain pipeline."""
+    """Train (or resume) on the dataset through the Grain pipeline: from its `data encode`
+    cache (latents + text states) when it has a complete one, else from its clips."""
+    from holocine_jax.data.encode import INFO, cache_dir
     from holocine_jax.data.pipeline import make_pipeline
     from holocine_jax.train.loop import run_training
 
+    cached = os.path.exists(os.path.join(cache_dir(data_dir), INFO))
     batches = make_pipeline(data_dir, config, batch_size=config.train.batch_size,
-                            seed=config.data.shuffle_seed, tokenizer=tokenizer)
+                            seed=config.data.shuffle_seed, tokenizer=tokenizer, cached=cached)
     return run_training(config, workdir, batches=batches, vae=vae, text_encoder=encoder)
 
 

@@ -7,7 +7,7 @@ import ml_collections
 
 # DiT sizes: dim / ffn_dim / heads / layers / latent channels. Head dim is 128 everywhere.
 WAN_MODELS = {
-    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=16, text_dim=32),
+    "tiny": dict(dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_channels=16, text_dim=32),
     "wan21_1_3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16),
     "wan21_14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16),
     # Wan2.2-T2V-A14B: two experts of this size (high-noise, low-noise).

@@ -59,6 +59,8 @@ def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None,
                              keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
     try:
         state, rest, graphdef = _resume_or_init(config, ckpt, batches)
+        # committed to a device like restored arrays, so fresh and resumed runs share one program
+        state = jax.device_put(state, jax.local_devices()[0])
         return _train(config, workdir, ckpt, state, graphdef, rest, total, batches, vae, text_encoder)
     finally:
         ckpt.close()

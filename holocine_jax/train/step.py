@@ -58,16 +58,20 @@ def make_train_step(config, graphdef, rest=None):
                       noise=jax.random.normal(k_noise, x0.shape, jnp.float32).astype(x0.dtype))
         if batch.get("layout") is not None:
             inputs["layout"] = batch["layout"].broadcast_to_batch(b)
-        micro = jax.tree.map(lambda x: x.reshape((accum, b // accum) + x.shape[1:]), inputs)
+        grad_fn = jax.grad(loss_sum, has_aux=True)
+        if accum == 1:
+            grads, sample_loss = grad_fn(state.params, inputs)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((accum, b // accum) + x.shape[1:]), inputs)
 
-        def accumulate(grads, mb):
-            (_, loss), g = jax.value_and_grad(loss_sum, has_aux=True)(state.params, mb)
-            return jax.tree.map(jnp.add, grads, g), loss
+            def accumulate(grads, mb):
+                g, loss = grad_fn(state.params, mb)
+                return jax.tree.map(jnp.add, grads, g), loss
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, sample_loss = jax.lax.scan(accumulate, zeros, micro)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, sample_loss = jax.lax.scan(accumulate, zeros, micro)
+            sample_loss = sample_loss.reshape(b)
         grads = jax.tree.map(lambda g: g / b, grads)
-        sample_loss = sample_loss.reshape(b)
         loss = jnp.mean(sample_loss * weights)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

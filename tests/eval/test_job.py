@@ -12,7 +12,7 @@ from holocine_jax.data.synthetic import FilmSpec, render_film
 from holocine_jax.eval import job
 from holocine_jax.eval.metrics import METRIC_NAMES
 from holocine_jax.vae import make_vae
-from tests.sample.test_sampler import random_model, small_config
+from sample.test_sampler import random_model, small_config
 
 
 def eval_config():

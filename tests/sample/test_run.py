@@ -10,7 +10,7 @@ from holocine_jax.checkpoint import save_params
 from holocine_jax.data.video import read_video
 from holocine_jax.prompts import build_prompt
 from holocine_jax.sample import run
-from tests.sample.test_sampler import random_model, small_config
+from sample.test_sampler import random_model, small_config
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from holocine_jax.model import WanDiT
 from holocine_jax.sample.sampler import initial_noise, latent_shape, sample_film
 from holocine_jax.sample.schedulers import make_scheduler
 from holocine_jax.shots import ShotLayout
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 STEPS = 3
 

@@ -1,8 +1,17 @@
-"""Shared fixtures: tiny float32 configs (the dummy-config pattern of Flax's examples)."""
-import numpy as np
-import pytest
+"""Shared fixtures: tiny float32 configs (the dummy-config pattern of Flax's examples).
 
-from holocine_jax.config import load_config
+Eight fake CPU devices for the multi-device tests (set before jax initialises its backends);
+single-device programs still run on device 0.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from holocine_jax.config import load_config  # noqa: E402
 
 
 # The unit tests' model: the tiny config at half its width and depth (fast to compile).

@@ -123,7 +123,12 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         batch_size=1,             # films denoised together (same frame count, any cuts)
         seed=0,                   # film i of a prompt file gets seed + i unless it names one
         contact_columns=6))       # contact sheet thumbnails per shot
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
+    # Device mesh (parallel/mesh.py): axis sizes (one may be -1 = the remaining devices) and the
+    # logical-axis rule table (models name logical axes only).
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=1, fsdp=-1, context=1, tensor=1,
+        rules=(("batch", ("data", "fsdp")), ("sequence", "context"), ("embed", "fsdp"),
+               ("heads", "tensor"), ("mlp", "tensor"), ("layers", None))))
     # Sections owned by the packages that read them (text/, vae/, data/, train/, eval/).
     c.text = ml_collections.ConfigDict(dict(
         path="",                  # local transformers-layout UMT5 directory (weights + tokenizer);

@@ -19,6 +19,7 @@ from holocine_jax.model.block import WanTransformerBlock
 from holocine_jax.model.embeddings import ConditionEmbedder, patch_embedding
 from holocine_jax.model.layers import dense, layer_norm, modulation_table, zeros
 from holocine_jax.model.rope import rope_tables
+from holocine_jax.parallel.mesh import constrain
 
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
@@ -87,7 +88,10 @@ class WanDiT(nnx.Module):
         temb, t_mod, context = self.condition_embedder(timesteps, text_states.astype(self.dtype))
         frames = None if layout is None else layout.rope_frame_positions()
         rope = rope_tables(self.head_dim, grid, self.rope_theta, frames)
-        x = self._run_blocks(x.astype(jnp.float32), context, t_mod, rope, layout)
+        rules = self.config.mesh.rules
+        x = constrain(x.astype(jnp.float32), ("batch", "sequence", None), rules)
+        context = constrain(context, ("batch", None, None), rules)
+        x = self._run_blocks(x, context, t_mod, rope, layout)
         shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32) + temb[:, None], 2, axis=1)
         x = self.proj_out((self.norm_out(x) * (1 + scale) + shift).astype(self.dtype))
         return self._unpatchify(x, grid)
@@ -95,8 +99,11 @@ class WanDiT(nnx.Module):
     def _run_blocks(self, x, context, t_mod, rope, layout):
         """Scan the stacked blocks over the float32 residual stream x: [B, L, dim]."""
 
+        rules = self.config.mesh.rules
+
         def step(block, x):
-            return block(x, context, t_mod, rope, layout)
+            x = block(x, context, t_mod, rope, layout)
+            return constrain(x, ("batch", "sequence", None), rules)
 
         if self.remat != "none":
             step = nnx.remat(step, policy=getattr(jax.checkpoint_policies, self.remat))

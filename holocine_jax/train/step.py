@@ -20,19 +20,14 @@ from holocine_jax.train.optim import learning_rate_schedule, make_optimizer
 from holocine_jax.train.state import TrainState
 
 
-def make_train_step(config, graphdef, rest=None):
-    """A pure, jittable `train_step(state: TrainState, batch) -> (TrainState, metrics)`.
-
-    metrics: loss, grad_norm (before clipping), update_norm, param_norm, learning_rate,
-    skipped (1.0 if this step's update was dropped), and per sample: sample_loss [B]
-    (unweighted), timesteps [B].
-    """
-    tc = config.train
-    tx, schedule = make_optimizer(tc), learning_rate_schedule(tc)
+def make_gradient_fn(config, graphdef, rest=None):
+    """`gradients(state, batch) -> (grads, aux)`: the batch-mean gradient of the weighted loss at
+    `state.params` (accumulated over `config.train.grad_accum` micro-batches); aux holds the
+    per-sample `sample_loss` [B] (unweighted), `weights` [B] and `timesteps` [B]."""
     sampler = objective.make_timestep_sampler(config)
-    accum = int(tc.grad_accum)
+    accum = int(config.train.grad_accum)
     if accum < 1:
-        raise ValueError(f"config.train.grad_accum={tc.grad_accum} must be >= 1")
+        raise ValueError(f"config.train.grad_accum={config.train.grad_accum} must be >= 1")
     rest = rest if rest is not None else nnx.State({})
 
     def loss_sum(params, mb):
@@ -45,7 +40,7 @@ def make_train_step(config, graphdef, rest=None):
         loss = objective.per_sample_loss(pred, x0, mb["noise"], mask)
         return jnp.sum(loss * mb["weights"]), loss
 
-    def train_step(state: TrainState, batch):
+    def gradients(state: TrainState, batch):
         x0 = batch["latents"]
         b = x0.shape[0]
         if b % accum:
@@ -72,7 +67,25 @@ def make_train_step(config, graphdef, rest=None):
             grads, sample_loss = jax.lax.scan(accumulate, zeros, micro)
             sample_loss = sample_loss.reshape(b)
         grads = jax.tree.map(lambda g: g / b, grads)
-        loss = jnp.mean(sample_loss * weights)
+        return grads, dict(sample_loss=sample_loss, weights=weights, timesteps=timesteps)
+
+    return gradients
+
+
+def make_train_step(config, graphdef, rest=None):
+    """A pure, jittable `train_step(state: TrainState, batch) -> (TrainState, metrics)`.
+
+    metrics: loss, grad_norm (before clipping), update_norm, param_norm, learning_rate,
+    skipped (1.0 if this step's update was dropped), and per sample: sample_loss [B]
+    (unweighted), timesteps [B].
+    """
+    tc = config.train
+    tx, schedule = make_optimizer(tc), learning_rate_schedule(tc)
+    gradients = make_gradient_fn(config, graphdef, rest)
+
+    def train_step(state: TrainState, batch):
+        grads, aux = gradients(state, batch)
+        loss = jnp.mean(aux["sample_loss"] * aux["weights"])
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -88,7 +101,8 @@ def make_train_step(config, graphdef, rest=None):
         metrics = dict(loss=loss, grad_norm=grad_norm, update_norm=optax.global_norm(updates),
                        param_norm=optax.global_norm(new_state.params),
                        learning_rate=schedule(state.step - state.skipped),
-                       skipped=(~ok).astype(jnp.float32), sample_loss=sample_loss, timesteps=timesteps)
+                       skipped=(~ok).astype(jnp.float32), sample_loss=aux["sample_loss"],
+                       timesteps=aux["timesteps"])
         return new_state, metrics
 
     return train_step

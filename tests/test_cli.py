@@ -16,7 +16,7 @@ TINY_F32 = ["--config", "tiny", "--config.model.dtype=float32"]
 
 
 def test_demo_builds_data_trains_samples_and_scores(tmp_path, capsys):
-    small = ["--num-films", "6", "--config.train.steps=4", "--config.train.batch_size=2",
+    small = ["--num-films", "6", "--config.train.steps=4", "--config.train.batch_size=8",
              "--config.train.log_every=2", "--config.sample.num_steps=2",
              "--config.model.num_layers=1"]
     main(["demo", "--workdir", str(tmp_path), *small])

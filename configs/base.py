@@ -108,6 +108,7 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         summary_self_weight=2.0,  # 2.0 reproduces the released checkpoints, 1.0 the clean mask
         block_q=128,
         block_kv=128,
+        context_strategy="ulysses",  # mesh.context > 1: ulysses (all-to-all heads) | shot_aware
     ))
     c.shots = ml_collections.ConfigDict(dict(max_shots=13, summary_frames=1))
     c.video = ml_collections.ConfigDict(dict(
@@ -127,7 +128,9 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
     # logical-axis rule table (models name logical axes only).
     c.mesh = ml_collections.ConfigDict(dict(
         data=1, fsdp=-1, context=1, tensor=1,
-        rules=(("batch", ("data", "fsdp")), ("sequence", "context"), ("embed", "fsdp"),
+        # parameters (and optimizer state) are sharded over fsdp x context: context shards see
+        # different tokens of the same films, so for weights they are data parallel (ZeRO-3)
+        rules=(("batch", ("data", "fsdp")), ("sequence", "context"), ("embed", ("fsdp", "context")),
                ("heads", "tensor"), ("mlp", "tensor"), ("layers", None))))
     # Sections owned by the packages that read them (text/, vae/, data/, train/, eval/).
     c.text = ml_collections.ConfigDict(dict(

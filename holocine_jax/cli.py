@@ -1,4 +1,4 @@
-"""`holocine-jax` command line: demo | train | sample | eval | import | export | data.
+"""`holocine-jax` command line: demo | train | sample | eval | import | export | data | compile.
 
 Every command takes `--config NAME|PATH` and `--config.key=value` overrides, and prints a
 one-line summary of what it wrote.
@@ -127,6 +127,22 @@ def cmd_data(args, overrides) -> str:
             f"{dict(report['skipped']) if skipped else ''}-> {report['data_dir']}")
 
 
+def cmd_compile(args, overrides) -> str:
+    from holocine_jax.parallel.compile import compile_report, format_report, over_budget
+
+    config = load_config(args.config, overrides)
+    programs = tuple(p for p in args.programs.split(",") if p)
+    report = compile_report(config, args.topology, num_shots=args.shots, programs=programs)
+    print(format_report(report))
+    out = args.json or f"compile-{config.name}-{args.topology.replace(':', '-')}.json"
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    problem = over_budget(report)
+    if problem:
+        raise SystemExit(f"compile: {problem} (report in {out})")
+    return f"compiled {', '.join(programs)} for {args.topology}: fits; report in {out}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holocine-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--records-per-file", type=int, default=256, help="records per cache file (the unit of resume)")
     q.add_argument("--overwrite", action="store_true", help="discard an existing cache (e.g. after changing encoders)")
     q.add_argument("--quiet", action="store_true", help="no per-file progress lines")
+
+    p = command("compile", cmd_compile, "AOT-compile train/sample steps for a TPU topology "
+                "(needs the `tpu` extra): memory, FLOPs, collectives", default_config="wan22_t2v_a14b")
+    p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:2x2")
+    p.add_argument("--shots", type=int, default=5, help="shots in the abstract film")
+    p.add_argument("--programs", default="train,sample", help="comma list of train, sample")
+    p.add_argument("--json", help="report path (default: compile-CONFIG-TOPOLOGY.json)")
     return parser
 
 
@@ -202,6 +225,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    # `compile --mesh.fsdp=8` is shorthand for `--config.mesh.fsdp=8`
+    rest = ["--config." + a[2:] if a.startswith("--mesh.") else a for a in rest]
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")

@@ -107,12 +107,13 @@ def test_sharded_train_step_shards_state_and_equals_single_device():
     # Adam's first step is lr * g / (|g| + eps): entries with |g| near eps amplify f32
     # reduction-order noise, so the updated parameters get a looser bound than the gradients.
     assert_trees_close(new_sh.params, new.params, tol=1e-4)
-    # the rule table reached parameters and Adam moments: [layers, embed, heads] -> fsdp, tensor
+    # the rule table reached parameters and Adam moments: [layers, embed, heads] -> (fsdp x
+    # context, tensor)
     q = new_sh.params["blocks"]["attn1"]["to_q"]["kernel"].get_value()
-    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.sharding.spec == P(None, ("fsdp", "context"), "tensor")
     mu = new_sh.opt_state[1][0].mu["blocks"]["attn1"]["to_q"]["kernel"].get_value()
-    assert mu.sharding.spec == P(None, "fsdp", "tensor")
-    assert q.addressable_shards[0].data.shape == (1, 32, 32)
+    assert mu.sharding.spec == P(None, ("fsdp", "context"), "tensor")
+    assert q.addressable_shards[0].data.shape == (1, 16, 32)
 
 
 def test_bad_meshes_fail_before_compiling():

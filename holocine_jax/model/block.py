@@ -23,6 +23,7 @@ class WanAttention(nnx.Module):
         self.mode, self.impl = attention.mode, attention.impl
         self.summary_self_weight = attention.summary_self_weight
         self.block_q, self.block_kv = attention.block_q, attention.block_kv
+        self.context_strategy = attention.context_strategy
         self.to_q = dense(dim, dim, ("embed", "heads"), **kw)
         self.to_k = dense(dim, dim, ("embed", "heads"), **kw)
         self.to_v = dense(dim, dim, ("embed", "heads"), **kw)
@@ -45,7 +46,8 @@ class WanAttention(nnx.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             out = shot_attention(q, k, v, layout, mode=self.mode, impl=self.impl,
                                  summary_self_weight=self.summary_self_weight,
-                                 block_q=self.block_q, block_kv=self.block_kv)
+                                 block_q=self.block_q, block_kv=self.block_kv,
+                                 context_strategy=self.context_strategy)
         else:
             out = cross_attention(q, k, v, layout)
         return self.to_out[0](out.reshape(x.shape[0], x.shape[1], -1))

@@ -134,8 +134,10 @@ def test_window_cross_attention_matches_official_bias():
 def test_dispatch_errors(films):
     layout, qkv, _ = films
     q = jnp.asarray(qkv[0])
-    with pytest.raises(ValueError, match="impl='pallas' is not available"):
+    with pytest.raises(ValueError, match="impl='pallas' needs a TPU or GPU .* interpret=True"):
         shot_attention_eager(q, q, q, layout, impl="pallas")
+    with pytest.raises(ValueError, match="context_strategy 'ring'"):
+        shot_attention_eager(q, q, q, layout, context_strategy="ring")
     with pytest.raises(ValueError, match="mode 'causal'"):
         shot_attention_eager(q, q, q, layout, mode="causal")
     with pytest.raises(ValueError, match=f"sequence length {L - T} != layout tokens {L}"):

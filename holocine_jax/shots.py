@@ -255,6 +255,21 @@ class ShotLayout:
                                        jnp.asarray(self.text_pad_start))
 
     # -- host-side views of a concrete, unbatched layout
+    def num_allowed_pairs(self, mode: str) -> int:
+        """Allowed (query, key) token pairs under `mode`: the useful work of the attention,
+        counted per shot in O(K) (the dense mask would be O(L^2))."""
+        if mode not in SELF_ATTENTION_MODES:
+            raise ValueError(f"attention mode {mode!r} is not one of {SELF_ATTENTION_MODES}")
+        frames = np.asarray(self.shot_lengths(), np.int64)[: int(self.num_shots)]
+        tokens = frames * self.tokens_per_frame
+        if mode == "full":
+            return int(tokens.sum()) ** 2
+        own = int(np.sum(tokens**2))
+        if mode == "independent":
+            return own
+        summary = np.minimum(frames, self.summary_frames) * self.tokens_per_frame
+        return own + int(np.sum(tokens * (summary.sum() - summary)))
+
     def latent_cuts(self) -> list[int]:
         """First latent frames of shots 2..num_shots."""
         return [int(s) for s in np.asarray(self.shot_starts)[1:int(self.num_shots)]]

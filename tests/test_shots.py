@@ -142,3 +142,15 @@ def test_stack_and_jit_without_recompiles():
     with pytest.raises(ValueError, match="different maxima"):
         ShotLayout.stack([layouts[0], other])
     assert jnp.shape(layouts[0].broadcast_to_batch(6).num_shots) == (6,)
+
+
+@pytest.mark.parametrize("summary_frames", [1, 2])
+def test_num_allowed_pairs_counts_the_dense_mask(summary_frames):
+    rng = np.random.default_rng(summary_frames)
+    for _ in range(5):
+        k = int(rng.integers(1, 5))
+        cuts = sorted(rng.choice(np.arange(1, 6), size=k - 1, replace=False) * 2)
+        layout = ShotLayout.from_latent_cuts(12, cuts, latent_hw=(2, 3), max_shots=5,
+                                             summary_frames=summary_frames)
+        for mode in ("sparse", "full", "independent"):
+            assert layout.num_allowed_pairs(mode) == int(np.asarray(layout.self_attention_mask(mode)).sum())

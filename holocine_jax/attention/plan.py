@@ -123,15 +123,24 @@ def _compress(active, full):
 
 def make_plan(layout, *, mode="sparse", block_q=128, block_kv=128) -> BlockPlan:
     """The block plan of a batched layout for `mode` (jittable, fixed shapes)."""
-    length = layout.num_tokens
-    nq, nk = num_blocks(length, block_q), num_blocks(length, block_kv)
     shot = layout.token_shot_id()
-    summary = layout.token_is_summary()
     if shot.ndim != 2:
         raise ValueError(f"make_plan needs a batched layout, got token ids of shape {shot.shape}")
-    q_shot = _pad(shot, nq * block_q, -1)
-    k_shot = _pad(shot, nk * block_kv, -1)
-    k_summary = _pad(summary, nk * block_kv, False)
+    return make_token_plan(shot, shot, layout.token_is_summary(), mode=mode, block_q=block_q,
+                           block_kv=block_kv)
+
+
+def make_token_plan(q_shot, k_shot, k_summary, *, mode="sparse", block_q=128,
+                    block_kv=128) -> BlockPlan:
+    """The block plan of queries and keys given as per-token vectors: q_shot [B, Lq], k_shot /
+    k_summary [B, Lk] (shot id -1: a token that allows nothing). `make_plan` is the case q = k =
+    the film; context parallelism uses a device's slice against the keys it gathered. The
+    flags stay exact for any token order; active lists are tightest when tokens are sorted."""
+    length = q_shot.shape[-1]
+    nq, nk = num_blocks(length, block_q), num_blocks(k_shot.shape[-1], block_kv)
+    q_shot = _pad(q_shot, nq * block_q, -1)
+    k_shot = _pad(k_shot, nk * block_kv, -1)
+    k_summary = _pad(k_summary, nk * block_kv, False)
     qs = _block_stats(q_shot, jnp.zeros_like(q_shot, bool), block_q)
     ks = _block_stats(k_shot, k_summary, block_kv)
     active, full = _block_flags(qs, ks, mode)

@@ -122,7 +122,7 @@ def _backward(q, k, v, out, lse, plan, log_w, do):
     _, dq, dk, dv = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
 
     def unblock(x, n, block, like):
-        return x.reshape(b, n * block, h, d)[:, :length].astype(like.dtype)
+        return x.reshape(b, n * block, h, d)[:, :like.shape[1]].astype(like.dtype)
 
     return (unblock(dq * scale, nq, bq, q), unblock(dk * scale, nk, bk, k),
             unblock(dv, nk, bk, v))
@@ -149,7 +149,8 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def shot_attention_xla(q, k, v, plan: BlockPlan, *, summary_self_weight=2.0):
-    """Shot attention over a block plan. q, k, v: [B, L, H, D] -> [B, L, H, D].
+    """Shot attention over a block plan. q: [B, L, H, D]; k, v: [B, Lk, H, D] (Lk = L for a
+    film's plan, other key sets for `make_token_plan`). Returns [B, L, H, D].
 
     Differentiable w.r.t. q, k, v. `summary_self_weight` biases own-shot summary keys by log(w)
     in `sparse` plans (2.0 = the released checkpoints, 1.0 = the clean mask).

@@ -5,8 +5,12 @@
 
 Compiles the training step (and one guided sampling step) on abstract inputs laid out on the
 config's mesh over the topology's devices, then reads the compiled program: per-device memory
-(arguments, temporaries, outputs) against HBM, FLOPs, bytes moved per collective kind (from the
-HLO), and a roofline step time from the chip's peak FLOP/s, HBM and ICI bandwidth.
+(arguments, temporaries, outputs) against HBM and bytes moved per collective kind (from the HLO,
+loop bodies x trip counts). FLOPs are the model's, counted from the architecture and the film's
+allowed attention pairs: XLA's `cost_analysis` counts a while-loop body once, so for a scanned
+40-layer model it reports ~1/40 of the work (it is kept in the report as `xla_flops`). The
+roofline step time is max(FLOPs / peak, collective bytes / ICI bandwidth) (perfect overlap)
+and their sum (none).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from holocine_jax.model import WanDiT
 from holocine_jax.parallel.hlo import collective_bytes
 from holocine_jax.parallel.mesh import batch_shardings, make_mesh, state_shardings
+from holocine_jax.sample.sampler import latent_shape
 from holocine_jax.shots import ShotLayout, even_cuts
 
 # Per chip, from the Cloud TPU system-architecture pages: HBM bytes, bf16 peak FLOP/s, HBM
@@ -43,22 +48,41 @@ def topology_devices(topology: str):
                          f"libtpu, installed?): {e}") from e
 
 
+def film_layout(config, num_shots: int, batch: int) -> ShotLayout:
+    """A concrete layout of `num_shots` even shots with caption windows, broadcast to `batch`."""
+    _, _, h, w, _ = latent_shape(config, 1)
+    _, ph, pw = config.model.patch_size
+    bounds = np.linspace(0, config.model.text_len // 2, num_shots + 2).astype(np.int32)
+    frames = config.video.num_frames
+    return ShotLayout.from_cuts(frames, even_cuts(frames, num_shots) if num_shots > 1 else [],
+                                latent_hw=(h // ph, w // pw), max_shots=config.shots.max_shots,
+                                text_windows=np.stack([bounds[:-1], bounds[1:]], axis=1),
+                                text_pad_start=int(bounds[-1]),
+                                summary_frames=config.shots.summary_frames).broadcast_to_batch(batch)
+
+
+def model_flops(config, layout: ShotLayout) -> float:
+    """Forward FLOPs of one film (matmuls + attention scores on the allowed pairs)."""
+    m = config.model
+    film = jax.tree.map(lambda x: np.asarray(x)[0], layout)
+    tokens, text = film.num_tokens, m.text_len
+    patch = math.prod(m.patch_size)
+    per_layer = (2 * tokens * m.dim * m.dim * 6            # self q, k, v, o + cross q, o
+                 + 2 * text * m.dim * m.dim * 2             # cross k, v on the text
+                 + 2 * tokens * m.dim * m.ffn_dim * 2       # FFN
+                 + 4 * m.dim * film.num_allowed_pairs(config.attention.mode)   # QK^T and PV
+                 + 4 * m.dim * tokens * text)                # cross-attention scores
+    io = 2 * tokens * m.dim * patch * (m.in_channels + m.out_channels)
+    return float(m.num_layers * per_layer + io)
+
+
 def abstract_batch(config, mesh, *, num_shots: int):
     """ShapeDtypeStructs of one global training batch: latents, text states and a film layout
     with `num_shots` even shots and caption windows (only shapes matter)."""
-    from holocine_jax.sample.sampler import latent_shape
-
     b = int(config.train.batch_size)
     shape = latent_shape(config, b)
-    _, ph, pw = config.model.patch_size
     text_len = config.model.text_len
-    bounds = np.linspace(0, text_len // 2, num_shots + 2).astype(np.int32)
-    windows = np.stack([bounds[:-1], bounds[1:]], axis=1)
-    layout = ShotLayout.from_cuts(config.video.num_frames, even_cuts(config.video.num_frames, num_shots)
-                                  if num_shots > 1 else [], latent_hw=(shape[2] // ph, shape[3] // pw),
-                                  max_shots=config.shots.max_shots, text_windows=windows,
-                                  text_pad_start=int(bounds[-1]),
-                                  summary_frames=config.shots.summary_frames).broadcast_to_batch(b)
+    layout = film_layout(config, num_shots, b)
     batch = dict(latents=jax.ShapeDtypeStruct(shape, jnp.float32),
                  text_states=jax.ShapeDtypeStruct((b, text_len, config.model.text_dim), jnp.float32),
                  layout=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layout))
@@ -109,24 +133,25 @@ def compile_sample_step(config, mesh, *, num_shots: int):
         return step.lower(*args).compile(), args
 
 
-def program_report(compiled, chip: dict, num_devices: int) -> dict:
-    """Per-device memory, FLOPs, collective bytes and a roofline time of a compiled program."""
+def program_report(compiled, chip: dict, num_devices: int, flops_total: float) -> dict:
+    """Per-device memory, collective bytes and roofline times of a compiled program that does
+    `flops_total` FLOPs over all devices."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     collectives = collective_bytes(compiled.as_text())
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
         mem.temp_size_in_bytes
-    flops, hbm_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    flops = flops_total / num_devices
     ici = float(sum(collectives.values()))
-    times = dict(compute=flops / chip["flops"], hbm=hbm_bytes / chip["hbm_bw"], ici=ici / chip["ici_bw"])
+    times = dict(compute=flops / chip["flops"], ici=ici / chip["ici_bw"])
     return dict(
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         total_bytes=total, hbm_bytes=chip["hbm"], fits=total <= (1 - HEADROOM) * chip["hbm"],
-        headroom=1 - total / chip["hbm"], flops_per_device=flops, flops_total=flops * num_devices,
-        bytes_accessed=hbm_bytes, collective_bytes=collectives,
-        roofline_seconds=max(times["compute"], times["hbm"]) + times["ici"],
+        headroom=1 - total / chip["hbm"], flops_per_device=flops, flops_total=flops_total,
+        xla_flops=float(cost.get("flops", 0.0)), collective_bytes=collectives,
+        roofline_seconds=max(times.values()), serial_seconds=sum(times.values()),
         roofline_parts=times)
 
 
@@ -146,17 +171,19 @@ def compile_report(config, topology: str, *, num_shots: int = 5, programs=("trai
                   attention=dict(mode=config.attention.mode, impl=config.attention.impl,
                                  context=config.attention.context_strategy), programs={})
     compilers = dict(train=compile_train_step, sample=compile_sample_step)
+    film = model_flops(config, film_layout(config, num_shots, 1))
+    passes = dict(train=3 + (config.model.remat != "none"),   # fwd + bwd (2x) + remat re-forward
+                  sample=2 if np.max(config.sample.guidance_scale) != 1.0 else 1)
     for name in programs:
         compiled, args = compilers[name](config, mesh, num_shots=num_shots)
-        report["programs"][name] = program_report(compiled, chip, len(devices))
+        flops = film * passes[name] * int(config.train.batch_size)
+        report["programs"][name] = program_report(compiled, chip, len(devices), flops)
         report["programs"][name]["largest_arguments"] = largest_buffers(args)
     return report
 
 
 def check_divisibility(config, mesh) -> None:
     """Clear errors before compiling: heads vs tensor (x context for ulysses), tokens vs context."""
-    from holocine_jax.sample.sampler import latent_shape
-
     m, sizes = config.model, dict(mesh.shape)
     _, f, h, w, _ = latent_shape(config, 1)
     pt, ph, pw = m.patch_size
@@ -208,13 +235,13 @@ def format_report(report: dict) -> str:
              f"{report['height']}x{report['width']}, {report['num_shots']} shots, attention "
              f"{report['attention']}",
              f"{'program':8} {'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'total':>8} {'HBM':>8} "
-             f"{'fits':>5} {'TFLOP/dev':>10} {'coll GiB':>9} {'roofline s':>10}"]
+             f"{'fits':>5} {'TFLOP/dev':>10} {'coll GiB':>9} {'step s':>13}"]
     for name, r in report["programs"].items():
         lines.append(f"{name:8} {gib(r['argument_bytes'])} {gib(r['temp_bytes'])} "
                      f"{gib(r['output_bytes'] - r['alias_bytes'])} {gib(r['total_bytes'])} "
                      f"{gib(r['hbm_bytes'])} {'yes' if r['fits'] else 'NO':>5} "
                      f"{r['flops_per_device'] / 1e12:10.2f} {gib(sum(r['collective_bytes'].values()))} "
-                     f"{r['roofline_seconds']:10.3f}")
+                     f"{r['roofline_seconds']:6.2f}-{r['serial_seconds']:<6.2f}")
         kinds = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(r["collective_bytes"].items()))
         lines.append(f"{'':8} collectives: {kinds or 'none'}")
     return "\n".join(lines)

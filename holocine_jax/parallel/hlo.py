@@ -7,8 +7,9 @@ Per device: each collective instruction counts the bytes of the buffer it produc
 the gathered buffer; all-reduce / all-to-all / collective-permute / reduce-scatter: their
 outputs, summed over tuple elements). Async pairs count once, at `-start` (its tuple holds
 operand and output: the output is counted); `-done` and tuple reads are not collectives.
-Instructions inside loop bodies count once per appearance in the text, not per trip: compare
-programs whose collectives are not inside while loops, or scale by the trip count yourself.
+An instruction inside a while body counts once per trip when the loop's condition compares the
+counter with a constant (scans: the layer scan runs `num_layers` trips); loops with a data-
+dependent bound (the attention's active-block loop) count once.
 """
 from __future__ import annotations
 
@@ -33,23 +34,84 @@ def _arrays(type_text: str) -> list[float]:
     return sizes
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """{collective kind: bytes per device} over the instructions of `hlo_text` (kinds absent
-    from the program are absent from the dict)."""
-    totals: dict[str, float] = {}
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[^\s(]+)\s*\(.*\{\s*$")
+_CALLS = re.compile(r"(?:condition|body|calls|to_apply|branch_computations|called_computations)"
+                    r"=\{?(?P<names>%[^\s,}]+(?:,\s*%[^\s,}]+)*)")
+_WHILE = re.compile(r"while\(.*condition=%(?P<cond>[^\s,]+),\s*body=%(?P<body>[^\s,]+)")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """{computation name: its instruction lines} and the entry computation's name."""
+    blocks, entry, current = {}, "", None
     for line in hlo_text.splitlines():
-        m = _INSTRUCTION.search(line)
-        if not m:
-            continue
-        op = m.group("op")
-        kind = op[: -len("-start")] if op.endswith("-start") else op
-        if kind not in KINDS:
-            continue
-        sizes = [s for s in _arrays(m.group("type")) if s > 4 or not op.endswith("-start")]
-        if op.endswith("-start"):   # (operand(s), output(s), [u32 contexts]): count the outputs
-            if kind == "all-gather":
-                sizes = [max(sizes)]
-            elif len(sizes) > 1:
-                sizes = sizes[len(sizes) // 2:]
-        totals[kind] = totals.get(kind, 0) + sum(sizes)
+        header = _HEADER.match(line)
+        if header:
+            current = header.group("name")
+            blocks[current] = []
+            entry = current if line.startswith("ENTRY") else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            blocks[current].append(line)
+    return blocks, entry
+
+
+def _trip_count(condition: list[str]) -> int:
+    """N for a `counter < constant(N)` loop condition, else 1 (unknown bound)."""
+    constants = dict(re.findall(r"%(\S+) = s32\[\]\S* constant\((\d+)\)", "\n".join(condition)))
+    for line in condition:
+        if line.lstrip().startswith("ROOT") and "compare(" in line and "direction=LT" in line:
+            operands = re.search(r"compare\(([^)]*)\)", line).group(1)
+            for name in re.findall(r"%(\S+?)(?:,|$)", operands):
+                if name in constants:
+                    return int(constants[name])
+    return 1
+
+
+def computation_multiplicity(hlo_text: str) -> dict[str, int]:
+    """How many times each computation runs per program execution (while bodies x trips)."""
+    blocks, entry = _computations(hlo_text)
+    mult = {entry: 1}
+    stack = [entry]
+    while stack:
+        name = stack.pop()
+        for line in blocks.get(name, []):
+            loop = _WHILE.search(line)
+            trips = {loop.group("body"): _trip_count(blocks.get(loop.group("cond"), []))} if loop else {}
+            for m in _CALLS.finditer(line):
+                for callee in re.findall(r"%([^\s,}]+)", m.group("names")):
+                    count = mult[name] * trips.get(callee, 1)
+                    if callee in blocks and mult.get(callee, 0) < count:
+                        mult[callee] = count
+                        stack.append(callee)
+    return mult
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """{collective kind: bytes per device per execution} over `hlo_text` (kinds absent from the
+    program are absent from the dict)."""
+    blocks, _ = _computations(hlo_text)
+    mult = computation_multiplicity(hlo_text)
+    totals: dict[str, float] = {}
+    for comp, lines in blocks.items():
+        for line in lines:
+            _count(line, mult.get(comp, 1), totals)
     return {k: int(v) for k, v in totals.items()}
+
+
+def _count(line: str, times: int, totals: dict) -> None:
+    """Add the collective bytes of one instruction line (x times) to totals."""
+    m = _INSTRUCTION.search(line)
+    if not m:
+        return
+    op = m.group("op")
+    kind = op[: -len("-start")] if op.endswith("-start") else op
+    if kind not in KINDS:
+        return
+    sizes = [s for s in _arrays(m.group("type")) if s > 4 or not op.endswith("-start")]
+    if op.endswith("-start"):   # (operand(s), output(s), [u32 contexts]): count the outputs
+        if kind == "all-gather":
+            sizes = [max(sizes)]
+        elif len(sizes) > 1:
+            sizes = sizes[len(sizes) // 2:]
+    totals[kind] = totals.get(kind, 0) + times * sum(sizes)

@@ -109,6 +109,8 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         block_q=128,
         block_kv=128,
         context_strategy="ulysses",  # mesh.context > 1: ulysses (all-to-all heads) | shot_aware
+        context_halo_frames=-1,      # shot_aware: latent frames a shot may overhang a device
+                                     # slice (the data's max; checked per batch); -1: whole film
     ))
     c.shots = ml_collections.ConfigDict(dict(max_shots=13, summary_frames=1))
     c.video = ml_collections.ConfigDict(dict(

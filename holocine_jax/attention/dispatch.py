@@ -47,7 +47,7 @@ def _context_mesh():
 
 def shot_attention(q, k, v, layout=None, *, mode="sparse", impl="auto",
                    summary_self_weight=2.0, interpret=False, block_q=BLOCK_Q, block_kv=BLOCK_KV,
-                   context_strategy="ulysses"):
+                   context_strategy="ulysses", context_halo_frames=-1):
     """Self-attention over the concatenated film.
 
     q, k, v: [B, L, H, D] with L = num_latent_frames * h * w. Returns [B, L, H, D].
@@ -56,7 +56,8 @@ def shot_attention(q, k, v, layout=None, *, mode="sparse", impl="auto",
     summary_self_weight: log(w) bias on own-shot summary keys in sparse mode (2.0 = released
     checkpoints, 1.0 = clean mask). `interpret` is for the Pallas kernels only.
     Blocks are clipped to L, so short sequences run as a single block pair.
-    context_strategy: how a mesh with `context` > 1 splits the film (see module doc).
+    context_strategy: how a mesh with `context` > 1 splits the film (see module doc);
+    context_halo_frames: shot_aware's static halo per side in latent frames (-1: whole film).
     """
     if mode not in SELF_ATTENTION_MODES:
         raise ValueError(f"attention mode {mode!r} is not one of {SELF_ATTENTION_MODES}")
@@ -68,10 +69,11 @@ def shot_attention(q, k, v, layout=None, *, mode="sparse", impl="auto",
         return jax.nn.dot_product_attention(q, k, v)
     mesh = _context_mesh()
     if mesh is not None:
-        from holocine_jax.parallel.context import context_shot_attention
+        from holocine_jax.parallel.context import context_shot_attention, halo_tokens
+        halo = halo_tokens(layout, mesh.shape["context"], context_halo_frames)
         return context_shot_attention(q, k, v, layout, mesh=mesh, strategy=context_strategy,
                                       mode=mode, impl=impl, summary_self_weight=summary_self_weight,
-                                      block_q=block_q, block_kv=block_kv)
+                                      block_q=block_q, block_kv=block_kv, halo=halo)
     b, length = q.shape[:2]
     if layout.num_tokens != length:
         raise ValueError(f"sequence length {length} != layout tokens {layout.num_tokens} "
@@ -82,11 +84,20 @@ def shot_attention(q, k, v, layout=None, *, mode="sparse", impl="auto",
     if impl == "reference":
         return shot_attention_reference(q, k, v, layout, mode=mode,
                                          summary_self_weight=summary_self_weight)
+    plan = make_plan(layout, mode=mode, block_q=min(block_q, length),
+                     block_kv=min(block_kv, length))
+    return attend_plan(q, k, v, plan, impl=impl, summary_self_weight=summary_self_weight,
+                       interpret=interpret)
+
+
+def attend_plan(q, k, v, plan, *, impl="auto", summary_self_weight=2.0, interpret=False):
+    """Run a block plan on the executor `impl` picks for this platform (module doc).
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D] (the plan's token vectors). Returns [B, Lq, H, D].
+    """
     platform = _platform()
     if impl == "auto":
         impl = "pallas" if platform in ("tpu", "gpu") else "xla"
-    plan = make_plan(layout, mode=mode, block_q=min(block_q, length),
-                     block_kv=min(block_kv, length))
     if impl == "pallas" and platform == "gpu" and not interpret:
         from holocine_jax.attention.pallas_gpu import shot_attention_pallas_gpu
         return shot_attention_pallas_gpu(q, k, v, plan, summary_self_weight=summary_self_weight)

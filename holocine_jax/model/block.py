@@ -24,6 +24,7 @@ class WanAttention(nnx.Module):
         self.summary_self_weight = attention.summary_self_weight
         self.block_q, self.block_kv = attention.block_q, attention.block_kv
         self.context_strategy = attention.context_strategy
+        self.context_halo_frames = attention.context_halo_frames
         self.to_q = dense(dim, dim, ("embed", "heads"), **kw)
         self.to_k = dense(dim, dim, ("embed", "heads"), **kw)
         self.to_v = dense(dim, dim, ("embed", "heads"), **kw)
@@ -47,7 +48,8 @@ class WanAttention(nnx.Module):
             out = shot_attention(q, k, v, layout, mode=self.mode, impl=self.impl,
                                  summary_self_weight=self.summary_self_weight,
                                  block_q=self.block_q, block_kv=self.block_kv,
-                                 context_strategy=self.context_strategy)
+                                 context_strategy=self.context_strategy,
+                                 context_halo_frames=self.context_halo_frames)
         else:
             out = cross_attention(q, k, v, layout)
         return self.to_out[0](out.reshape(x.shape[0], x.shape[1], -1))

@@ -23,6 +23,7 @@ from flax import nnx
 from holocine_jax.checkpoint import load_config_json, load_params
 from holocine_jax.model import WanDiT
 from holocine_jax.parallel import batch_shardings, make_mesh, state_shardings
+from holocine_jax.parallel.context import check_halo
 from holocine_jax.train.checkpointing import TrainCheckpointer, _shape_keys
 from holocine_jax.train.metrics import MetricsBuffer, make_writer, periodic_actions
 from holocine_jax.train.state import init_train_state, split_model
@@ -121,8 +122,10 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
             except StopIteration:
                 log.warning("the data ran out at step %d of %d", step, total)
                 break
-            batch = _global_batch(prepare_batch(raw, config, vae=vae, text_encoder=text_encoder),
-                                  mesh, config.mesh.rules)
+            batch = prepare_batch(raw, config, vae=vae, text_encoder=text_encoder)
+            if batch.get("layout") is not None and config.attention.context_strategy == "shot_aware":
+                check_halo(batch["layout"], mesh.shape["context"], config.attention.context_halo_frames)
+            batch = _global_batch(batch, mesh, config.mesh.rules)
             state, metrics = train_step(state, batch)
             step += 1
             buffer.add(metrics, _tokens(batch["latents"].shape, config.model.patch_size))

@@ -12,7 +12,7 @@ from attention.test_xla import random_layouts
 from holocine_jax.attention import shot_attention
 from holocine_jax.attention.reference import shot_attention_reference
 from holocine_jax.parallel import make_mesh
-from holocine_jax.parallel.context import context_shot_attention
+from holocine_jax.parallel.context import check_halo, context_shot_attention, required_halo
 from holocine_jax.parallel.hlo import collective_bytes
 from holocine_jax.shots import ShotLayout
 
@@ -45,9 +45,10 @@ def rel_err(a, b):
     return float(jnp.abs(a - b).max() / jnp.abs(b).max())
 
 
+@pytest.mark.parametrize("strategy", ["ulysses", "shot_aware"])
 @pytest.mark.parametrize("mode", ["sparse", "full", "independent"])
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda m: "x".join(map(str, m)))
-def test_ulysses_equals_reference(sizes, mode):
+def test_context_attention_equals_reference(sizes, mode, strategy):
     q, k, v, ct, layout = inputs(seed=sum(sizes) + len(mode))
     want = out_and_grads(lambda q, k, v: shot_attention_reference(q, k, v, layout, mode=mode), q, k, v, ct)
     mesh = mesh_of(sizes)
@@ -55,7 +56,7 @@ def test_ulysses_equals_reference(sizes, mode):
     @jax.jit
     def sharded(q, k, v, ct, layout):
         attend = functools.partial(shot_attention, layout=layout, mode=mode, impl="xla",
-                                   block_q=16, block_kv=16, context_strategy="ulysses")
+                                   block_q=16, block_kv=16, context_strategy=strategy)
         return out_and_grads(attend, q, k, v, ct)
 
     with jax.set_mesh(mesh):
@@ -90,3 +91,45 @@ def test_bad_splits_fail_before_tracing():
         context_shot_attention(x, x, x, odd, mesh=mesh)
     with pytest.raises(ValueError, match="context strategy 'ring'"):
         context_shot_attention(q, k, v, layout, mesh=mesh, strategy="ring")
+
+
+@pytest.mark.parametrize("context, frames, cuts", [(2, 32, [3, 7, 11, 15, 19, 23, 27]),
+                                                   (4, 32, [6, 14, 22])])
+def test_shot_aware_moves_near_the_minimum_and_less_than_ulysses(context, frames, cuts):
+    """HLO collective bytes per device: shot_aware with the layout's halos <= 1.2 x the analytic
+    minimum (every shot's summary tokens + the worst device's boundary halos, K and V), strictly
+    below ulysses (q, k, v, out slices), and no op gathers the whole sequence."""
+    hw, shots = (4, 4), len(cuts) + 1
+    layout = ShotLayout.stack([ShotLayout.from_latent_cuts(frames, cuts, latent_hw=hw,
+                                                           max_shots=shots)] * B)
+    length, t = layout.num_tokens, hw[0] * hw[1]
+    x = jnp.zeros((B, length, H, D), jnp.float32)
+    mesh = mesh_of((1, 1, context, 1))
+    left, right = required_halo(layout, context)
+    n = length // context
+    shot = np.asarray(layout.token_shot_id())[0]
+    worst = max(j * n - np.searchsorted(shot, shot[j * n]) +
+                np.searchsorted(shot, shot[(j + 1) * n - 1], "right") - (j + 1) * n
+                for j in range(context))
+    token_bytes = B * H * D * 4
+    minimum = 2 * (shots * t + worst) * token_bytes
+    moved = {}
+    for strategy, halo in (("shot_aware", (left, right)), ("ulysses", None)):
+        f = jax.jit(lambda q, k, v, l: context_shot_attention(q, k, v, l, mesh=mesh, strategy=strategy,
+                                                               impl="xla", block_q=16, block_kv=16, halo=halo))
+        with jax.set_mesh(mesh):
+            moved[strategy] = collective_bytes(f.lower(x, x, x, layout).compile().as_text())
+        assert moved[strategy].get("all-gather", 0) < length * token_bytes // context, moved
+    ours, theirs = sum(moved["shot_aware"].values()), sum(moved["ulysses"].values())
+    assert ours <= 1.2 * minimum, (ours, minimum, moved)
+    assert ours < theirs, moved
+
+
+def test_required_halo_is_checked_per_batch():
+    layout = ShotLayout.stack([ShotLayout.from_latent_cuts(32, [6, 14, 22], latent_hw=(4, 4), max_shots=4)])
+    assert required_halo(layout, 4) == (2 * 16, 8 * 16)
+    check_halo(layout, 4, 8)
+    check_halo(layout, 4, -1)
+    with pytest.raises(ValueError, match="overhangs its context slice by 128 tokens .8 latent frames. "
+                                         "but config.attention.context_halo_frames=4"):
+        check_halo(layout, 4, 4)

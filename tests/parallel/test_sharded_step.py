@@ -17,13 +17,23 @@ from holocine_jax.train.state import init_train_state, split_model
 from holocine_jax.train.step import make_gradient_fn, make_train_step
 
 MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), (1, 2, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2)]
+# Default run: every mesh in sparse mode, the other modes and shot_aware on context meshes;
+# `pytest -m slow` runs every mesh x mode x strategy.
+FAST = ([(m, "sparse", "ulysses") for m in MESHES]
+        + [((1, 2, 2, 2), "full", "ulysses"), ((1, 2, 2, 2), "independent", "ulysses"),
+           ((1, 1, 8, 1), "sparse", "shot_aware"), ((1, 2, 4, 1), "independent", "shot_aware")])
+CASES = [pytest.param(m, mode, s, id=f"{'x'.join(map(str, m))}-{mode}-{s}",
+                      marks=() if (m, mode, s) in FAST else pytest.mark.slow)
+         for m in MESHES for mode in ("sparse", "full", "independent")
+         for s in ("ulysses", "shot_aware")]
 B, F, HW = 8, 6, (4, 4)          # 6 latent frames of 4x4 tokens: L = 96, 12 tokens per shard at 8
 TEXT_LEN, MAX_SHOTS = 12, 4
 
 
-def config(mode, mesh=(1, 1, 1, 1), **attention):
+def config(mode, mesh=(1, 1, 1, 1), strategy="ulysses", **attention):
     c = tiny_config(num_layers=1, num_heads=8)            # head_dim 8: 8 heads split over 8 shards
-    c.attention.update(mode=mode, impl="xla", block_q=16, block_kv=16, **attention)
+    c.attention.update(mode=mode, impl="xla", block_q=16, block_kv=16, context_strategy=strategy,
+                       **attention)
     c.mesh.update(dict(zip(("data", "fsdp", "context", "tensor"), mesh)))
     c.train.update(ema_decay=0.9, warmup_steps=0)
     return c
@@ -80,14 +90,13 @@ def assert_trees_close(actual, expected, tol=1e-5):
     assert max(errors) <= tol, f"max relative error {max(errors):.2e} > {tol}"
 
 
-@pytest.mark.parametrize("mode", ["sparse", "full", "independent"])
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
-def test_sharded_gradients_equal_single_device(mesh, mode):
+@pytest.mark.parametrize("mesh, mode, strategy", CASES)
+def test_sharded_gradients_equal_single_device(mesh, mode, strategy):
     single = config(mode)
     graphdef, rest, state = initial_state(single)
     data = batch(seed=sum(mesh))
     grads, aux = jax.jit(make_gradient_fn(single, graphdef, rest))(state, data)
-    c = config(mode, mesh)
+    c = config(mode, mesh, strategy)
     (grads_sh, aux_sh), _ = sharded(make_gradient_fn(c, graphdef, rest), c, state, data)
     assert_trees_close(aux_sh["sample_loss"], aux["sample_loss"])
     assert_trees_close(grads_sh, grads)

@@ -132,8 +132,10 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         data=1, fsdp=-1, context=1, tensor=1,
         # parameters (and optimizer state) are sharded over fsdp x context: context shards see
         # different tokens of the same films, so for weights they are data parallel (ZeRO-3)
+        # act_embed: the residual stream's width, split over tensor between blocks (what the
+        # layer scan keeps for the backward pass shrinks with tensor parallelism)
         rules=(("batch", ("data", "fsdp")), ("sequence", "context"), ("embed", ("fsdp", "context")),
-               ("heads", "tensor"), ("mlp", "tensor"), ("layers", None))))
+               ("heads", "tensor"), ("mlp", "tensor"), ("layers", None), ("act_embed", "tensor"))))
     # Sections owned by the packages that read them (text/, vae/, data/, train/, eval/).
     c.text = ml_collections.ConfigDict(dict(
         path="",                  # local transformers-layout UMT5 directory (weights + tokenizer);

@@ -89,7 +89,7 @@ class WanDiT(nnx.Module):
         frames = None if layout is None else layout.rope_frame_positions()
         rope = rope_tables(self.head_dim, grid, self.rope_theta, frames)
         rules = self.config.mesh.rules
-        x = constrain(x.astype(jnp.float32), ("batch", "sequence", None), rules)
+        x = constrain(x.astype(jnp.float32), ("batch", "sequence", "act_embed"), rules)
         context = constrain(context, ("batch", None, None), rules)
         x = self._run_blocks(x, context, t_mod, rope, layout)
         shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32) + temb[:, None], 2, axis=1)
@@ -103,7 +103,7 @@ class WanDiT(nnx.Module):
 
         def step(block, x):
             x = block(x, context, t_mod, rope, layout)
-            return constrain(x, ("batch", "sequence", None), rules)
+            return constrain(x, ("batch", "sequence", "act_embed"), rules)
 
         if self.remat != "none":
             step = nnx.remat(step, policy=getattr(jax.checkpoint_policies, self.remat))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ from holocine_jax.shots import ShotLayout, even_cuts
 # bandwidth (B/s), ICI bandwidth (B/s, all links together).
 CHIPS = {
     "TPU v5": dict(name="v5p", hbm=95e9, flops=459e12, hbm_bw=2765e9, ici_bw=4800e9 / 8),
-    "TPU v5 lite": dict(name="v5e", hbm=16e9, flops=197e12, hbm_bw=819e9, ici_bw=1600e9 / 8),
+    "TPU v5 lite": dict(name="v5e", hbm=16 * 2**30, flops=197e12, hbm_bw=819e9, ici_bw=1600e9 / 8),
 }
 HEADROOM = 0.10
 
@@ -41,6 +42,8 @@ HEADROOM = 0.10
 def topology_devices(topology: str):
     """Devices of a TPU topology name such as "v5p:4x4x4" or "v5e:2x2" (compile-only)."""
     from jax.experimental import topologies
+    # compile-only: no chip is opened, so another process holding libtpu's lock is no conflict
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     except Exception as e:  # libtpu missing or an unknown topology name
@@ -175,7 +178,13 @@ def compile_report(config, topology: str, *, num_shots: int = 5, programs=("trai
     passes = dict(train=3 + (config.model.remat != "none"),   # fwd + bwd (2x) + remat re-forward
                   sample=2 if np.max(config.sample.guidance_scale) != 1.0 else 1)
     for name in programs:
-        compiled, args = compilers[name](config, mesh, num_shots=num_shots)
+        try:
+            compiled, args = compilers[name](config, mesh, num_shots=num_shots)
+        except jax.errors.JaxRuntimeError as e:   # XLA refuses programs that exceed HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            report["programs"][name] = dict(fits=False, error=str(e).split("\n")[0])
+            continue
         flops = film * passes[name] * int(config.train.batch_size)
         report["programs"][name] = program_report(compiled, chip, len(devices), flops)
         report["programs"][name]["largest_arguments"] = largest_buffers(args)
@@ -215,7 +224,9 @@ def over_budget(report: dict) -> str:
     """'' when every program fits HBM with the headroom; else what is over and by how much."""
     problems = []
     for name, r in report["programs"].items():
-        if not r["fits"]:
+        if "error" in r:
+            problems.append(f"{name} does not compile for this topology: {r['error']}")
+        elif not r["fits"]:
             budget = (1 - HEADROOM) * r["hbm_bytes"]
             biggest = "; ".join(f"{b['name']} {b['shape']} {b['device_bytes'] / 2**30:.2f} GiB"
                                 for b in r["largest_arguments"])
@@ -237,6 +248,9 @@ def format_report(report: dict) -> str:
              f"{'program':8} {'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'total':>8} {'HBM':>8} "
              f"{'fits':>5} {'TFLOP/dev':>10} {'coll GiB':>9} {'step s':>13}"]
     for name, r in report["programs"].items():
+        if "error" in r:
+            lines.append(f"{name:8} does not fit: {r['error']}")
+            continue
         lines.append(f"{name:8} {gib(r['argument_bytes'])} {gib(r['temp_bytes'])} "
                      f"{gib(r['output_bytes'] - r['alias_bytes'])} {gib(r['total_bytes'])} "
                      f"{gib(r['hbm_bytes'])} {'yes' if r['fits'] else 'NO':>5} "

@@ -1,0 +1,321 @@
+"""Pallas TPU (Mosaic) kernels for shot attention over a BlockPlan (DESIGN §5).
+
+    out = shot_attention_pallas_tpu(q, k, v, plan, summary_self_weight=2.0)   # [B, L, H, D]
+
+The grid walks a flat list of the plan's active block pairs — (batch, head, step), not
+(q block, kv block) — so skipped pairs cost nothing: forward and dQ walk the pairs row by row
+(the output block stays in VMEM across a row), dK/dV column by column (the transposed lists).
+The list arrives by scalar prefetch (SMEM): per step a packed (row, column) and flags (first /
+last of its row, full block). The mask of a partial block is recomputed in VMEM from per-token
+shot ids and summary flags; a full block skips it. Nothing [L, L] exists.
+
+Grid length: a static bound on the number of active pairs. When the plan is concrete at trace
+time (a fixed film: sampling, the AOT checks) it is the exact count, so the compiled program's
+work is the layout's; under a traced plan it is the dense count (steps past the real list are
+skipped without DMA, at the cost of an empty grid step each). `pl.CostEstimate` reports the work
+of the bound. Accumulation is float32; inputs float32 or bfloat16; head_dim 64 or 128.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from holocine_jax.attention.plan import BlockPlan
+from holocine_jax.shots import own_summary, self_attention_allowed
+
+_F32 = jnp.float32
+_SHIFT = 16   # packed step: row << 16 | column
+
+
+# ----------------------------------------------------------------------------- step lists
+def _bound(count) -> int | None:
+    """Exact max (over the batch) of active pairs when `count` [B, n] is concrete, else None."""
+    if isinstance(count, jax.core.Tracer):
+        return None
+    return max(1, int(np.max(np.sum(np.asarray(count), axis=-1))))
+
+
+def _steps(index, full, count, bound: int):
+    """Flatten per-row lists (index/full [B, n, m], count [B, n]) into `bound` steps.
+
+    Returns packed (row << 16 | col) [B*S], flags [B*S] (1 full, 2 first of row, 4 last of row)
+    and the number of real steps [B]. Steps past it repeat the last real one (no new DMA).
+    """
+    b, n, m = index.shape
+    ends = jnp.cumsum(count, axis=-1)
+    starts = ends - count
+    total = ends[:, -1]
+    t = jnp.minimum(jnp.arange(bound)[None], jnp.maximum(total[:, None] - 1, 0))
+    row = jax.vmap(lambda e, x: jnp.searchsorted(e, x, side="right"))(ends, t).astype(jnp.int32)
+    row = jnp.minimum(row, n - 1)
+    slot = t - jnp.take_along_axis(starts, row, axis=1)
+    flat = row * m + slot
+    col = jnp.take_along_axis(index.reshape(b, n * m), flat, axis=1)
+    is_full = jnp.take_along_axis(full.reshape(b, n * m), flat, axis=1)
+    last = slot == jnp.take_along_axis(count, row, axis=1) - 1
+    flags = is_full.astype(jnp.int32) | (slot == 0) * 2 | last * 4
+    return ((row << _SHIFT) | col).reshape(-1), flags.reshape(-1).astype(jnp.int32), total
+
+
+def _unpack(steps_ref, b, t, bound):
+    packed = steps_ref[b * bound + t]
+    return packed >> _SHIFT, packed & ((1 << _SHIFT) - 1)
+
+
+# ----------------------------------------------------------------------------- kernels
+def _scores(q, k, qs, ks, km, full, *, mode, log_w, scale):
+    """Masked, biased f32 logits [bq, bk] of one block pair."""
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=_F32) * scale
+    if mode == "sparse" and log_w != 0.0:
+        s = s + log_w * own_summary(qs, ks, km).astype(_F32)
+    allowed = self_attention_allowed(qs, ks, km, mode) | (full != 0)
+    return jnp.where(allowed, s, -jnp.inf)
+
+
+def _fwd_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
+                o_ref, lse_ref, m_sc, l_sc, acc_sc, *, bound, **kw):
+    b, t = pl.program_id(0), pl.program_id(2)
+    flags = flags_ref[b * bound + t]
+    valid = t < total_ref[b]
+
+    @pl.when(valid & (flags & 2 != 0))
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, _F32)
+        l_sc[...] = jnp.zeros(l_sc.shape, _F32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, _F32)
+
+    @pl.when(valid)
+    def _step():
+        s = _scores(q_ref[...], k_ref[...], qs_ref[...], ks_ref[...], km_ref[...] != 0,
+                    flags & 1, **kw)
+        m_prev = m_sc[...]
+        m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe)
+        alpha = jnp.exp(m_prev - m_safe)
+        l_sc[...] = alpha * l_sc[...] + p.sum(axis=-1, keepdims=True)
+        v = v_ref[...]
+        acc_sc[...] = alpha * acc_sc[...] + jax.lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+        m_sc[...] = m_new
+
+    @pl.when(valid & (flags & 4 != 0))
+    def _finish():
+        l = l_sc[...]
+        seen = l > 0
+        o_ref[...] = jnp.where(seen, acc_sc[...] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def _dq_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, bound, **kw):
+    b, t = pl.program_id(0), pl.program_id(2)
+    flags = flags_ref[b * bound + t]
+    valid = t < total_ref[b]
+
+    @pl.when(valid & (flags & 2 != 0))
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, _F32)
+
+    @pl.when(valid)
+    def _step():
+        k, v = k_ref[...], v_ref[...]
+        s = _scores(q_ref[...], k, qs_ref[...], ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
+        lse = lse_ref[...]
+        p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0))
+        dp = jax.lax.dot_general(do_ref[...], v, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        ds = p * (dp - delta_ref[...])
+        dq_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+                                          preferred_element_type=_F32)
+
+    @pl.when(valid & (flags & 4 != 0))
+    def _finish():
+        dq_ref[...] = (dq_sc[...] * kw["scale"]).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, bound, **kw):
+    b, t = pl.program_id(0), pl.program_id(2)
+    flags = flags_ref[b * bound + t]
+    valid = t < total_ref[b]
+
+    @pl.when(valid & (flags & 2 != 0))
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, _F32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, _F32)
+
+    @pl.when(valid)
+    def _step():
+        q, do, v = q_ref[...], do_ref[...], v_ref[...]
+        s = _scores(q, k_ref[...], qs_ref[...], ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
+        lse = lse_ref[...]
+        p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0))
+        dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                          preferred_element_type=_F32)
+        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        ds = p * (dp - delta_ref[...])
+        dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                          preferred_element_type=_F32)
+
+    @pl.when(valid & (flags & 4 != 0))
+    def _finish():
+        dk_ref[...] = (dk_sc[...] * kw["scale"]).astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- pallas calls
+def _pad_to(x, length, axis, value=0):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _specs(bound, bq, bk, d, rows_first: bool):
+    """BlockSpecs for (q-side, kv-side, q ids, k ids, q-side stats) under a step list whose
+    packed major index is the q block (rows_first) or the kv block (dK/dV)."""
+    mask = (1 << _SHIFT) - 1
+
+    def blocks(b, t, steps):
+        packed = steps[b * bound + t]
+        major, minor = packed >> _SHIFT, packed & mask
+        return (major, minor) if rows_first else (minor, major)
+
+    q_map = lambda b, h, t, s, f, n: (b, h, blocks(b, t, s)[0], 0)
+    k_map = lambda b, h, t, s, f, n: (b, h, blocks(b, t, s)[1], 0)
+    return dict(
+        q=pl.BlockSpec((None, None, bq, d), q_map),
+        k=pl.BlockSpec((None, None, bk, d), k_map),
+        qs=pl.BlockSpec((None, bq, 1), lambda b, h, t, s, f, n: (b, blocks(b, t, s)[0], 0)),
+        ks=pl.BlockSpec((None, 1, bk), lambda b, h, t, s, f, n: (b, 0, blocks(b, t, s)[1])),
+        stat=pl.BlockSpec((None, None, bq, 1), q_map))
+
+
+def _call(kernel, grid_b_h, bound, in_specs, out_specs, out_shape, scratch, cost, interpret):
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(*grid_b_h, bound), in_specs=in_specs,
+            out_specs=out_specs, scratch_shapes=scratch),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=cost, interpret=interpret)
+
+
+def _inputs(q, k, v, plan):
+    """[B, L, H, D] -> padded [B, H, L_pad, D]; shot vectors as [B, L_pad, 1] / [B, 1, L_pad]."""
+    nq, nk = plan.kv_index.shape[1], plan.q_index.shape[1]
+    bq, bk = plan.block_q, plan.block_kv
+    tq = lambda x, n: _pad_to(jnp.swapaxes(x, 1, 2), n, axis=2)
+    qs = plan.q_shot[:, :, None].astype(jnp.int32)
+    ks = plan.k_shot[:, None, :].astype(jnp.int32)
+    km = plan.k_summary[:, None, :].astype(jnp.int32)
+    return tq(q, nq * bq), tq(k, nk * bk), tq(v, nk * bk), qs, ks, km
+
+
+def _forward(q, k, v, plan, log_w, interpret):
+    b, length, h, d = q.shape
+    bq, bk = plan.block_q, plan.block_kv
+    nq = plan.kv_index.shape[1]
+    bound = _bound(plan.kv_count) or nq * plan.kv_index.shape[2]
+    steps, flags, total = _steps(plan.kv_index, plan.kv_full, plan.kv_count, bound)
+    qt, kt, vt, qs, ks, km = _inputs(q, k, v, plan)
+    sp = _specs(bound, bq, bk, d, rows_first=True)
+    kw = dict(bound=bound, mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(d))
+    pairs = b * h * bound
+    cost = pl.CostEstimate(flops=4 * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
+                           bytes_accessed=pairs * (bq + 2 * bk) * d * q.dtype.itemsize)
+    out, lse = _call(
+        functools.partial(_fwd_kernel, **kw), (b, h), bound,
+        [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"]], [sp["q"], sp["stat"]],
+        [jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct((b, h, nq * bq, 1), _F32)],
+        [pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, d), _F32)],
+        cost, interpret)(steps, flags, total, qt, kt, vt, qs, ks, km)
+    seen = _rows_seen(plan.kv_count, bq)[:, None, :, None]     # rows no step visited
+    out = jnp.where(seen, out, 0)
+    lse = jnp.where(seen, lse, -jnp.inf)
+    return jnp.swapaxes(out, 1, 2)[:, :length], lse
+
+
+def _rows_seen(count, block):
+    """[B, n*block] whether the block of each token row has at least one step."""
+    return jnp.repeat(count > 0, block, axis=-1)
+
+
+def _backward(q, k, v, out, lse, plan, log_w, do, interpret):
+    b, length, h, d = q.shape
+    bq, bk = plan.block_q, plan.block_kv
+    nq, nk = plan.kv_index.shape[1], plan.q_index.shape[1]
+    qt, kt, vt, qs, ks, km = _inputs(q, k, v, plan)
+    dot = _pad_to(jnp.swapaxes(do, 1, 2), nq * bq, axis=2)
+    delta = jnp.sum(dot.astype(_F32) * _pad_to(jnp.swapaxes(out, 1, 2), nq * bq, axis=2).astype(_F32),
+                    axis=-1, keepdims=True)
+    kw = dict(mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(d))
+    args = (qt, kt, vt, qs, ks, km, dot, lse, delta)
+
+    row_bound = _bound(plan.kv_count) or nq * nk
+    steps, flags, total = _steps(plan.kv_index, plan.kv_full, plan.kv_count, row_bound)
+    sp = _specs(row_bound, bq, bk, d, rows_first=True)
+    pairs = b * h * row_bound
+    cost = pl.CostEstimate(flops=6 * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
+                           bytes_accessed=pairs * (3 * bq + 2 * bk) * d * q.dtype.itemsize)
+    dq = _call(functools.partial(_dq_kernel, bound=row_bound, **kw), (b, h), row_bound,
+               [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"], sp["q"], sp["stat"],
+                sp["stat"]], sp["q"], jax.ShapeDtypeStruct(qt.shape, q.dtype),
+               [pltpu.VMEM((bq, d), _F32)], cost, interpret)(steps, flags, total, *args)
+    dq = jnp.where(_rows_seen(plan.kv_count, bq)[:, None, :, None], dq, 0)
+
+    col_bound = _bound(plan.q_count) or nq * nk
+    steps, flags, total = _steps(plan.q_index, plan.q_full, plan.q_count, col_bound)
+    sp = _specs(col_bound, bq, bk, d, rows_first=False)
+    pairs = b * h * col_bound
+    cost = pl.CostEstimate(flops=8 * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
+                           bytes_accessed=pairs * (3 * bq + 4 * bk) * d * q.dtype.itemsize)
+    dk, dv = _call(functools.partial(_dkv_kernel, bound=col_bound, **kw), (b, h), col_bound,
+                   [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"], sp["q"], sp["stat"],
+                    sp["stat"]], [sp["k"], sp["k"]],
+                   [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+                   [pltpu.VMEM((bk, d), _F32), pltpu.VMEM((bk, d), _F32)], cost,
+                   interpret)(steps, flags, total, *args)
+    cols = _rows_seen(plan.q_count, bk)[:, None, :, None]
+    back = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]
+    return (back(dq, length), back(jnp.where(cols, dk, 0), k.shape[1]),
+            back(jnp.where(cols, dv, 0), v.shape[1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q, k, v, plan, log_w, interpret):
+    return _forward(q, k, v, plan, log_w, interpret)[0]
+
+
+def _attend_fwd(q, k, v, plan, log_w, interpret):
+    out, lse = _forward(q, k, v, plan, log_w, interpret)
+    return out, (q, k, v, out, lse, plan)
+
+
+def _attend_bwd(log_w, interpret, res, do):
+    q, k, v, out, lse, plan = res
+    dq, dk, dv = _backward(q, k, v, out, lse, plan, log_w, do, interpret)
+    return dq, dk, dv, jax.tree.map(lambda x: None, plan)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def shot_attention_pallas_tpu(q, k, v, plan: BlockPlan, *, summary_self_weight=2.0,
+                              interpret=False):
+    """Shot attention over a block plan with the Mosaic kernels. q: [B, L, H, D]; k, v:
+    [B, Lk, H, D] -> [B, L, H, D]. `interpret=True` runs the Pallas interpreter (any backend)."""
+    if q.shape[1] != plan.num_tokens:
+        raise ValueError(f"sequence length {q.shape[1]} != plan tokens {plan.num_tokens}")
+    if plan.block_q % 8 or plan.block_kv % 128 and not interpret:
+        raise ValueError(f"TPU blocks must be multiples of (8, 128); got block_q={plan.block_q}, "
+                         f"block_kv={plan.block_kv}")
+    log_w = math.log(summary_self_weight) if plan.mode == "sparse" else 0.0
+    return _attend(q, k, v, plan, float(log_w), bool(interpret))

@@ -92,7 +92,7 @@ def _fwd_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks
 
     @pl.when(valid)
     def _step():
-        s = _scores(q_ref[...], k_ref[...], qs_ref[...], ks_ref[...], km_ref[...] != 0,
+        s = _scores(q_ref[...], k_ref[...], qs_ref[...].T, ks_ref[...], km_ref[...] != 0,
                     flags & 1, **kw)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
@@ -110,7 +110,7 @@ def _fwd_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks
         l = l_sc[...]
         seen = l > 0
         o_ref[...] = jnp.where(seen, acc_sc[...] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf).T
 
 
 def _dq_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
@@ -126,11 +126,11 @@ def _dq_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_
     @pl.when(valid)
     def _step():
         k, v = k_ref[...], v_ref[...]
-        s = _scores(q_ref[...], k, qs_ref[...], ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
-        lse = lse_ref[...]
+        s = _scores(q_ref[...], k, qs_ref[...].T, ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
+        lse = lse_ref[...].T
         p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0))
         dp = jax.lax.dot_general(do_ref[...], v, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-        ds = p * (dp - delta_ref[...])
+        ds = p * (dp - delta_ref[...].T)
         dq_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                           preferred_element_type=_F32)
 
@@ -153,13 +153,13 @@ def _dkv_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks
     @pl.when(valid)
     def _step():
         q, do, v = q_ref[...], do_ref[...], v_ref[...]
-        s = _scores(q, k_ref[...], qs_ref[...], ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
-        lse = lse_ref[...]
+        s = _scores(q, k_ref[...], qs_ref[...].T, ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
+        lse = lse_ref[...].T
         p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0))
         dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                           preferred_element_type=_F32)
         dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-        ds = p * (dp - delta_ref[...])
+        ds = p * (dp - delta_ref[...].T)
         dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                           preferred_element_type=_F32)
 
@@ -191,9 +191,10 @@ def _specs(bound, bq, bk, d, rows_first: bool):
     return dict(
         q=pl.BlockSpec((None, None, bq, d), q_map),
         k=pl.BlockSpec((None, None, bk, d), k_map),
-        qs=pl.BlockSpec((None, bq, 1), lambda b, h, t, s, f, n: (b, blocks(b, t, s)[0], 0)),
+        qs=pl.BlockSpec((None, 1, bq), lambda b, h, t, s, f, n: (b, 0, blocks(b, t, s)[0])),
         ks=pl.BlockSpec((None, 1, bk), lambda b, h, t, s, f, n: (b, 0, blocks(b, t, s)[1])),
-        stat=pl.BlockSpec((None, None, bq, 1), q_map))
+        stat=pl.BlockSpec((None, None, 1, bq),
+                          lambda b, h, t, s, f, n: (b, h, 0, blocks(b, t, s)[0])))
 
 
 def _call(kernel, grid_b_h, bound, in_specs, out_specs, out_shape, scratch, cost, interpret):
@@ -209,21 +210,20 @@ def _call(kernel, grid_b_h, bound, in_specs, out_specs, out_shape, scratch, cost
 
 
 def _inputs(q, k, v, plan):
-    """[B, L, H, D] -> padded [B, H, L_pad, D]; shot vectors as [B, L_pad, 1] / [B, 1, L_pad]."""
+    """[B, L, H, D] -> padded [B, H, L_pad, D]; shot vectors as lane-dense rows [B, 1, L_pad]."""
     nq, nk = plan.kv_index.shape[1], plan.q_index.shape[1]
     bq, bk = plan.block_q, plan.block_kv
     tq = lambda x, n: _pad_to(jnp.swapaxes(x, 1, 2), n, axis=2)
-    qs = plan.q_shot[:, :, None].astype(jnp.int32)
+    qs = plan.q_shot[:, None, :].astype(jnp.int32)
     ks = plan.k_shot[:, None, :].astype(jnp.int32)
     km = plan.k_summary[:, None, :].astype(jnp.int32)
     return tq(q, nq * bq), tq(k, nk * bk), tq(v, nk * bk), qs, ks, km
 
 
-def _forward(q, k, v, plan, log_w, interpret):
+def _forward(q, k, v, plan, log_w, interpret, bound):
     b, length, h, d = q.shape
     bq, bk = plan.block_q, plan.block_kv
     nq = plan.kv_index.shape[1]
-    bound = _bound(plan.kv_count) or nq * plan.kv_index.shape[2]
     steps, flags, total = _steps(plan.kv_index, plan.kv_full, plan.kv_count, bound)
     qt, kt, vt, qs, ks, km = _inputs(q, k, v, plan)
     sp = _specs(bound, bq, bk, d, rows_first=True)
@@ -234,12 +234,12 @@ def _forward(q, k, v, plan, log_w, interpret):
     out, lse = _call(
         functools.partial(_fwd_kernel, **kw), (b, h), bound,
         [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"]], [sp["q"], sp["stat"]],
-        [jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct((b, h, nq * bq, 1), _F32)],
+        [jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, nq * bq), _F32)],
         [pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, d), _F32)],
         cost, interpret)(steps, flags, total, qt, kt, vt, qs, ks, km)
-    seen = _rows_seen(plan.kv_count, bq)[:, None, :, None]     # rows no step visited
-    out = jnp.where(seen, out, 0)
-    lse = jnp.where(seen, lse, -jnp.inf)
+    seen = _rows_seen(plan.kv_count, bq)[:, None]                # rows no step visited
+    out = jnp.where(seen[..., None], out, 0)
+    lse = jnp.where(seen[:, :, None], lse, -jnp.inf)
     return jnp.swapaxes(out, 1, 2)[:, :length], lse
 
 
@@ -248,18 +248,17 @@ def _rows_seen(count, block):
     return jnp.repeat(count > 0, block, axis=-1)
 
 
-def _backward(q, k, v, out, lse, plan, log_w, do, interpret):
+def _backward(q, k, v, out, lse, plan, log_w, do, interpret, row_bound, col_bound):
     b, length, h, d = q.shape
     bq, bk = plan.block_q, plan.block_kv
     nq, nk = plan.kv_index.shape[1], plan.q_index.shape[1]
     qt, kt, vt, qs, ks, km = _inputs(q, k, v, plan)
     dot = _pad_to(jnp.swapaxes(do, 1, 2), nq * bq, axis=2)
     delta = jnp.sum(dot.astype(_F32) * _pad_to(jnp.swapaxes(out, 1, 2), nq * bq, axis=2).astype(_F32),
-                    axis=-1, keepdims=True)
+                    axis=-1)[:, :, None]                      # [B, H, 1, L_pad] like lse
     kw = dict(mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(d))
     args = (qt, kt, vt, qs, ks, km, dot, lse, delta)
 
-    row_bound = _bound(plan.kv_count) or nq * nk
     steps, flags, total = _steps(plan.kv_index, plan.kv_full, plan.kv_count, row_bound)
     sp = _specs(row_bound, bq, bk, d, rows_first=True)
     pairs = b * h * row_bound
@@ -271,7 +270,6 @@ def _backward(q, k, v, out, lse, plan, log_w, do, interpret):
                [pltpu.VMEM((bq, d), _F32)], cost, interpret)(steps, flags, total, *args)
     dq = jnp.where(_rows_seen(plan.kv_count, bq)[:, None, :, None], dq, 0)
 
-    col_bound = _bound(plan.q_count) or nq * nk
     steps, flags, total = _steps(plan.q_index, plan.q_full, plan.q_count, col_bound)
     sp = _specs(col_bound, bq, bk, d, rows_first=False)
     pairs = b * h * col_bound
@@ -289,19 +287,19 @@ def _backward(q, k, v, out, lse, plan, log_w, do, interpret):
             back(jnp.where(cols, dv, 0), v.shape[1]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(q, k, v, plan, log_w, interpret):
-    return _forward(q, k, v, plan, log_w, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attend(q, k, v, plan, log_w, interpret, bounds):
+    return _forward(q, k, v, plan, log_w, interpret, bounds[0])[0]
 
 
-def _attend_fwd(q, k, v, plan, log_w, interpret):
-    out, lse = _forward(q, k, v, plan, log_w, interpret)
+def _attend_fwd(q, k, v, plan, log_w, interpret, bounds):
+    out, lse = _forward(q, k, v, plan, log_w, interpret, bounds[0])
     return out, (q, k, v, out, lse, plan)
 
 
-def _attend_bwd(log_w, interpret, res, do):
+def _attend_bwd(log_w, interpret, bounds, res, do):
     q, k, v, out, lse, plan = res
-    dq, dk, dv = _backward(q, k, v, out, lse, plan, log_w, do, interpret)
+    dq, dk, dv = _backward(q, k, v, out, lse, plan, log_w, do, interpret, *bounds)
     return dq, dk, dv, jax.tree.map(lambda x: None, plan)
 
 
@@ -318,4 +316,6 @@ def shot_attention_pallas_tpu(q, k, v, plan: BlockPlan, *, summary_self_weight=2
         raise ValueError(f"TPU blocks must be multiples of (8, 128); got block_q={plan.block_q}, "
                          f"block_kv={plan.block_kv}")
     log_w = math.log(summary_self_weight) if plan.mode == "sparse" else 0.0
-    return _attend(q, k, v, plan, float(log_w), bool(interpret))
+    dense = plan.kv_index.shape[1] * plan.q_index.shape[1]
+    bounds = (_bound(plan.kv_count) or dense, _bound(plan.q_count) or dense)   # static: before tracing
+    return _attend(q, k, v, plan, float(log_w), bool(interpret), bounds)

@@ -69,8 +69,10 @@ def _unpack(steps_ref, b, t, bound):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _scores(q, k, qs, ks, km, full, *, mode, log_w, scale):
-    """Masked, biased f32 logits [bq, bk] of one block pair."""
+def block_logits(q, k, qs, ks, km, full, *, mode, log_w, scale):
+    """Masked, biased f32 logits [bq, bk] of one block pair (q [bq, D], k [bk, D]; per-token
+    shot ids qs [bq, 1], ks [1, bk], summary flags km [1, bk]; `full` != 0 skips the mask).
+    Shared by the TPU and GPU kernels."""
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=_F32) * scale
     if mode == "sparse" and log_w != 0.0:
         s = s + log_w * own_summary(qs, ks, km).astype(_F32)
@@ -92,7 +94,7 @@ def _fwd_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks
 
     @pl.when(valid)
     def _step():
-        s = _scores(q_ref[...], k_ref[...], qs_ref[...].T, ks_ref[...], km_ref[...] != 0,
+        s = block_logits(q_ref[...], k_ref[...], qs_ref[...].T, ks_ref[...], km_ref[...] != 0,
                     flags & 1, **kw)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
@@ -126,7 +128,7 @@ def _dq_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_
     @pl.when(valid)
     def _step():
         k, v = k_ref[...], v_ref[...]
-        s = _scores(q_ref[...], k, qs_ref[...].T, ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
+        s = block_logits(q_ref[...], k, qs_ref[...].T, ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
         lse = lse_ref[...].T
         p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0))
         dp = jax.lax.dot_general(do_ref[...], v, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
@@ -153,7 +155,7 @@ def _dkv_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks
     @pl.when(valid)
     def _step():
         q, do, v = q_ref[...], do_ref[...], v_ref[...]
-        s = _scores(q, k_ref[...], qs_ref[...].T, ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
+        s = block_logits(q, k_ref[...], qs_ref[...].T, ks_ref[...], km_ref[...] != 0, flags & 1, **kw)
         lse = lse_ref[...].T
         p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0))
         dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),

@@ -1,6 +1,7 @@
-"""The Pallas TPU kernels in interpret mode equal the reference: outputs and q/k/v gradients on
-random layouts (1-8 shots, ragged, block padding), all modes, both summary weights; bf16 inputs
-within bf16 tolerance; the dispatch routes impl="pallas" to them."""
+"""The Pallas kernels (TPU/Mosaic and GPU/Triton) in interpret mode equal the reference: outputs
+and q/k/v gradients on random layouts (1-8 shots, ragged, block padding), all modes, both
+summary weights; bf16 inputs within bf16 tolerance; token plans whose keys are another set; the
+dispatch routes impl="pallas" to them."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,12 +9,14 @@ import pytest
 
 from attention.test_xla import random_layouts, rel_err
 from holocine_jax.attention import shot_attention
+from holocine_jax.attention.pallas_gpu import shot_attention_pallas_gpu
 from holocine_jax.attention.pallas_tpu import shot_attention_pallas_tpu
 from holocine_jax.attention.plan import make_plan, make_token_plan
 from holocine_jax.attention.reference import shot_attention_reference
 from holocine_jax.shots import ShotLayout
 
 H, D = 2, 16
+KERNELS = {"tpu": shot_attention_pallas_tpu, "gpu": shot_attention_pallas_gpu}
 
 
 def out_and_grads(attend, q, k, v, ct):
@@ -24,7 +27,7 @@ def out_and_grads(attend, q, k, v, ct):
     return (out,) + grads
 
 
-def check(layout, mode, weight, *, seed, dtype=jnp.float32, tol=2e-5, block=(16, 16)):
+def check(kernel, layout, mode, weight, *, seed, dtype=jnp.float32, tol=2e-5, block=(16, 16)):
     rng = np.random.default_rng(seed)
     b, length = layout.shot_starts.shape[0], layout.num_tokens
     q, k, v, ct = (jnp.asarray(rng.standard_normal((b, length, H, D)), jnp.float32) for _ in range(4))
@@ -32,7 +35,7 @@ def check(layout, mode, weight, *, seed, dtype=jnp.float32, tol=2e-5, block=(16,
         q, k, v, layout, mode=mode, summary_self_weight=weight), q, k, v, ct)
     plan = make_plan(layout, mode=mode, block_q=block[0], block_kv=block[1])
     cast = lambda x: x.astype(dtype)
-    got = out_and_grads(lambda q, k, v: shot_attention_pallas_tpu(
+    got = out_and_grads(lambda q, k, v: KERNELS[kernel](
         cast(q), cast(k), cast(v), plan, summary_self_weight=weight, interpret=True), q, k, v, ct)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(g.astype(jnp.float32), w) <= tol, (name, rel_err(g.astype(jnp.float32), w))
@@ -46,43 +49,54 @@ CASES = [  # (max shots, frames, (h, w), mode, summary weight): L = 84 or 90, no
 ]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("max_shots, frames, hw, mode, weight", CASES)
-def test_interpret_matches_reference(max_shots, frames, hw, mode, weight):
+def test_interpret_matches_reference(kernel, max_shots, frames, hw, mode, weight):
     rng = np.random.default_rng(max_shots + frames)
     layout = ShotLayout.stack(random_layouts(rng, 2, frames=frames, hw=hw, max_shots=max_shots))
-    check(layout, mode, weight, seed=frames)
+    check(kernel, layout, mode, weight, seed=frames)
 
 
-def test_bf16_inputs_within_bf16_tolerance():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_inputs_within_bf16_tolerance(kernel):
     rng = np.random.default_rng(5)
     layout = ShotLayout.stack(random_layouts(rng, 2, frames=7, hw=(3, 4), max_shots=4))
-    check(layout, "sparse", 2.0, seed=5, dtype=jnp.bfloat16, tol=3e-2)
+    check(kernel, layout, "sparse", 2.0, seed=5, dtype=jnp.bfloat16, tol=3e-2)
 
 
-def test_dispatch_routes_pallas_and_keys_may_differ_from_queries():
-    """impl="pallas" + interpret goes through the kernels; a token plan whose keys are another
-    token set (context parallelism's window + summaries) runs too."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_token_plans_whose_keys_are_another_set(kernel):
+    """Queries = the first 48 tokens; keys = the film followed by 16 masked-out copies (the
+    shape of context parallelism's window + summaries)."""
+    rng = np.random.default_rng(7)
+    layout = ShotLayout.stack(random_layouts(rng, 2, frames=8, hw=(2, 4), max_shots=4))
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 64, H, D)), jnp.float32) for _ in range(3))
+    want = shot_attention_reference(q, k, v, layout, mode="sparse")
+    shot, summary = layout.token_shot_id(), layout.token_is_summary()
+    k_shot = jnp.concatenate([shot, jnp.full((2, 16), -1)], axis=1)
+    k_summary = jnp.concatenate([summary, jnp.ones((2, 16), bool)], axis=1)
+    plan = make_token_plan(shot[:, :48], k_shot, k_summary, mode="sparse", block_q=16, block_kv=16)
+    pad = lambda x: jnp.concatenate([x, x[:, :16]], axis=1)
+    got = KERNELS[kernel](q[:, :48], pad(k), pad(v), plan, interpret=True)
+    assert rel_err(got, want[:, :48]) <= 2e-5
+
+
+def test_dispatch_routes_pallas():
+    """impl="pallas" + interpret=True runs the TPU kernel in the interpreter on this CPU."""
     rng = np.random.default_rng(7)
     layout = ShotLayout.stack(random_layouts(rng, 2, frames=7, hw=(3, 4), max_shots=4))
     q, k, v = (jnp.asarray(rng.standard_normal((2, 84, H, D)), jnp.float32) for _ in range(3))
     want = shot_attention_reference(q, k, v, layout, mode="sparse")
     got = shot_attention(q, k, v, layout, impl="pallas", interpret=True, block_q=16, block_kv=16)
     assert rel_err(got, want) <= 2e-5
-    # queries = the first 40 tokens; keys = all 84 tokens followed by 12 masked-out copies
-    shot, summary = layout.token_shot_id(), layout.token_is_summary()
-    k_shot = jnp.concatenate([shot, jnp.full((2, 12), -1)], axis=1)
-    k_summary = jnp.concatenate([summary, jnp.ones((2, 12), bool)], axis=1)
-    plan = make_token_plan(shot[:, :40], k_shot, k_summary, mode="sparse", block_q=16, block_kv=16)
-    pad = lambda x: jnp.concatenate([x, x[:, :12]], axis=1)
-    got = shot_attention_pallas_tpu(q[:, :40], pad(k), pad(v), plan, interpret=True)
-    assert rel_err(got, want[:, :40]) <= 2e-5
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("seed", range(6))
-def test_interpret_sweep(seed):
+def test_interpret_sweep(kernel, seed):
     rng = np.random.default_rng(100 + seed)
     frames = int(rng.integers(8, 13))
     layout = ShotLayout.stack(random_layouts(rng, 2, frames=frames, hw=(3, 5), max_shots=8))
     for mode in ("sparse", "full", "independent"):
-        check(layout, mode, float(rng.choice([1.0, 2.0])), seed=seed, block=(16, 32))
+        check(kernel, layout, mode, float(rng.choice([1.0, 2.0])), seed=seed, block=(16, 32))

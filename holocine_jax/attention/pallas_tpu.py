@@ -5,8 +5,9 @@
 The grid walks a flat list of the plan's active block pairs — (batch, head, step), not
 (q block, kv block) — so skipped pairs cost nothing: forward and dQ walk the pairs row by row
 (the output block stays in VMEM across a row), dK/dV column by column (the transposed lists).
-The list arrives by scalar prefetch (SMEM): per step a packed (row, column) and flags (first /
-last of its row, full block). The mask of a partial block is recomputed in VMEM from per-token
+The list arrives by scalar prefetch (SMEM): one int32 per step packing (row, column) and flags
+(first / last of its row, full block); films of a batch run one after another (`lax.map`) so
+SMEM holds one film's list. The mask of a partial block is recomputed in VMEM from per-token
 shot ids and summary flags; a full block skips it. Nothing [L, L] exists.
 
 Grid length: a static bound on the number of active pairs. When the plan is concrete at trace
@@ -30,7 +31,8 @@ from holocine_jax.attention.plan import BlockPlan
 from holocine_jax.shots import own_summary, self_attention_allowed
 
 _F32 = jnp.float32
-_SHIFT = 16   # packed step: row << 16 | column
+# packed step: row << 17 | column << 3 | flags (1 full, 2 first of its row, 4 last of its row)
+_ROW, _COL, _BLOCKS = 17, 3, 1 << 14
 
 
 # ----------------------------------------------------------------------------- step lists
@@ -42,12 +44,11 @@ def _bound(count) -> int | None:
 
 
 def _steps(index, full, count, bound: int):
-    """Flatten per-row lists (index/full [B, n, m], count [B, n]) into `bound` steps.
-
-    Returns packed (row << 16 | col) [B*S], flags [B*S] (1 full, 2 first of row, 4 last of row)
-    and the number of real steps [B]. Steps past it repeat the last real one (no new DMA).
-    """
+    """Flatten per-row lists (index/full [B, n, m], count [B, n]) into `bound` packed steps
+    [B, S] and the number of real steps [B]. Steps past it repeat the last real one (no DMA)."""
     b, n, m = index.shape
+    if n >= _BLOCKS or m >= _BLOCKS:
+        raise ValueError(f"{n} x {m} blocks exceed the packed step format ({_BLOCKS} per side)")
     ends = jnp.cumsum(count, axis=-1)
     starts = ends - count
     total = ends[:, -1]
@@ -60,12 +61,7 @@ def _steps(index, full, count, bound: int):
     is_full = jnp.take_along_axis(full.reshape(b, n * m), flat, axis=1)
     last = slot == jnp.take_along_axis(count, row, axis=1) - 1
     flags = is_full.astype(jnp.int32) | (slot == 0) * 2 | last * 4
-    return ((row << _SHIFT) | col).reshape(-1), flags.reshape(-1).astype(jnp.int32), total
-
-
-def _unpack(steps_ref, b, t, bound):
-    packed = steps_ref[b * bound + t]
-    return packed >> _SHIFT, packed & ((1 << _SHIFT) - 1)
+    return (row << _ROW) | (col << _COL) | flags, total
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -80,10 +76,10 @@ def block_logits(q, k, qs, ks, km, full, *, mode, log_w, scale):
     return jnp.where(allowed, s, -jnp.inf)
 
 
-def _fwd_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
+def _fwd_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
                 o_ref, lse_ref, m_sc, l_sc, acc_sc, *, bound, **kw):
     b, t = pl.program_id(0), pl.program_id(2)
-    flags = flags_ref[b * bound + t]
+    flags = steps_ref[b * bound + t] & 7
     valid = t < total_ref[b]
 
     @pl.when(valid & (flags & 2 != 0))
@@ -115,10 +111,10 @@ def _fwd_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks
         lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf).T
 
 
-def _dq_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
+def _dq_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
                do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, bound, **kw):
     b, t = pl.program_id(0), pl.program_id(2)
-    flags = flags_ref[b * bound + t]
+    flags = steps_ref[b * bound + t] & 7
     valid = t < total_ref[b]
 
     @pl.when(valid & (flags & 2 != 0))
@@ -141,10 +137,10 @@ def _dq_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_
         dq_ref[...] = (dq_sc[...] * kw["scale"]).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(steps_ref, flags_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
+def _dkv_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, bound, **kw):
     b, t = pl.program_id(0), pl.program_id(2)
-    flags = flags_ref[b * bound + t]
+    flags = steps_ref[b * bound + t] & 7
     valid = t < total_ref[b]
 
     @pl.when(valid & (flags & 2 != 0))
@@ -181,34 +177,43 @@ def _pad_to(x, length, axis, value=0):
 def _specs(bound, bq, bk, d, rows_first: bool):
     """BlockSpecs for (q-side, kv-side, q ids, k ids, q-side stats) under a step list whose
     packed major index is the q block (rows_first) or the kv block (dK/dV)."""
-    mask = (1 << _SHIFT) - 1
-
     def blocks(b, t, steps):
         packed = steps[b * bound + t]
-        major, minor = packed >> _SHIFT, packed & mask
+        major, minor = packed >> _ROW, (packed >> _COL) & (_BLOCKS - 1)
         return (major, minor) if rows_first else (minor, major)
 
-    q_map = lambda b, h, t, s, f, n: (b, h, blocks(b, t, s)[0], 0)
-    k_map = lambda b, h, t, s, f, n: (b, h, blocks(b, t, s)[1], 0)
+    q_map = lambda b, h, t, s, n: (b, h, blocks(b, t, s)[0], 0)
+    k_map = lambda b, h, t, s, n: (b, h, blocks(b, t, s)[1], 0)
     return dict(
         q=pl.BlockSpec((None, None, bq, d), q_map),
         k=pl.BlockSpec((None, None, bk, d), k_map),
-        qs=pl.BlockSpec((None, 1, bq), lambda b, h, t, s, f, n: (b, 0, blocks(b, t, s)[0])),
-        ks=pl.BlockSpec((None, 1, bk), lambda b, h, t, s, f, n: (b, 0, blocks(b, t, s)[1])),
-        stat=pl.BlockSpec((None, None, 1, bq),
-                          lambda b, h, t, s, f, n: (b, h, 0, blocks(b, t, s)[0])))
+        qs=pl.BlockSpec((None, 1, bq), lambda b, h, t, s, n: (b, 0, blocks(b, t, s)[0])),
+        ks=pl.BlockSpec((None, 1, bk), lambda b, h, t, s, n: (b, 0, blocks(b, t, s)[1])),
+        stat=pl.BlockSpec((None, None, 1, bq), lambda b, h, t, s, n: (b, h, 0, blocks(b, t, s)[0])))
 
 
-def _call(kernel, grid_b_h, bound, in_specs, out_specs, out_shape, scratch, cost, interpret):
-    return pl.pallas_call(
+def _call(kernel, heads, bound, in_specs, out_specs, out_shape, scratch, cost, interpret):
+    """pallas_call(steps [B, S], total [B], *arrays) run film by film (`lax.map` over B):
+    the scalar-prefetched step list of one film is what SMEM holds."""
+    one = lambda shape: jax.ShapeDtypeStruct((1,) + shape.shape[1:], shape.dtype)
+    call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(*grid_b_h, bound), in_specs=in_specs,
+            num_scalar_prefetch=2, grid=(1, heads, bound), in_specs=in_specs,
             out_specs=out_specs, scratch_shapes=scratch),
-        out_shape=out_shape,
+        out_shape=jax.tree.map(one, out_shape),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=interpret)
+
+    def run(steps, total, *arrays):
+        film = lambda xs: jax.tree.map(lambda y: y[0], call(xs[0].reshape(-1), xs[1][None],
+                                                            *[x[None] for x in xs[2:]]))
+        if steps.shape[0] == 1:
+            return jax.tree.map(lambda y: y[None], film([x[0] for x in (steps, total, *arrays)]))
+        return jax.lax.map(film, (steps, total, *arrays))
+
+    return run
 
 
 def _inputs(q, k, v, plan):
@@ -226,19 +231,19 @@ def _forward(q, k, v, plan, log_w, interpret, bound):
     b, length, h, d = q.shape
     bq, bk = plan.block_q, plan.block_kv
     nq = plan.kv_index.shape[1]
-    steps, flags, total = _steps(plan.kv_index, plan.kv_full, plan.kv_count, bound)
+    steps, total = _steps(plan.kv_index, plan.kv_full, plan.kv_count, bound)
     qt, kt, vt, qs, ks, km = _inputs(q, k, v, plan)
     sp = _specs(bound, bq, bk, d, rows_first=True)
     kw = dict(bound=bound, mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(d))
-    pairs = b * h * bound
+    pairs = h * bound                                 # per film: the call runs B times
     cost = pl.CostEstimate(flops=4 * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
                            bytes_accessed=pairs * (bq + 2 * bk) * d * q.dtype.itemsize)
     out, lse = _call(
-        functools.partial(_fwd_kernel, **kw), (b, h), bound,
+        functools.partial(_fwd_kernel, **kw), h, bound,
         [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"]], [sp["q"], sp["stat"]],
         [jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, nq * bq), _F32)],
         [pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, d), _F32)],
-        cost, interpret)(steps, flags, total, qt, kt, vt, qs, ks, km)
+        cost, interpret)(steps, total, qt, kt, vt, qs, ks, km)
     seen = _rows_seen(plan.kv_count, bq)[:, None]                # rows no step visited
     out = jnp.where(seen[..., None], out, 0)
     lse = jnp.where(seen[:, :, None], lse, -jnp.inf)
@@ -261,28 +266,28 @@ def _backward(q, k, v, out, lse, plan, log_w, do, interpret, row_bound, col_boun
     kw = dict(mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(d))
     args = (qt, kt, vt, qs, ks, km, dot, lse, delta)
 
-    steps, flags, total = _steps(plan.kv_index, plan.kv_full, plan.kv_count, row_bound)
+    steps, total = _steps(plan.kv_index, plan.kv_full, plan.kv_count, row_bound)
     sp = _specs(row_bound, bq, bk, d, rows_first=True)
-    pairs = b * h * row_bound
+    pairs = h * row_bound
     cost = pl.CostEstimate(flops=6 * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
                            bytes_accessed=pairs * (3 * bq + 2 * bk) * d * q.dtype.itemsize)
-    dq = _call(functools.partial(_dq_kernel, bound=row_bound, **kw), (b, h), row_bound,
+    dq = _call(functools.partial(_dq_kernel, bound=row_bound, **kw), h, row_bound,
                [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"], sp["q"], sp["stat"],
                 sp["stat"]], sp["q"], jax.ShapeDtypeStruct(qt.shape, q.dtype),
-               [pltpu.VMEM((bq, d), _F32)], cost, interpret)(steps, flags, total, *args)
+               [pltpu.VMEM((bq, d), _F32)], cost, interpret)(steps, total, *args)
     dq = jnp.where(_rows_seen(plan.kv_count, bq)[:, None, :, None], dq, 0)
 
-    steps, flags, total = _steps(plan.q_index, plan.q_full, plan.q_count, col_bound)
+    steps, total = _steps(plan.q_index, plan.q_full, plan.q_count, col_bound)
     sp = _specs(col_bound, bq, bk, d, rows_first=False)
-    pairs = b * h * col_bound
+    pairs = h * col_bound
     cost = pl.CostEstimate(flops=8 * pairs * bq * bk * d, transcendentals=pairs * bq * bk,
                            bytes_accessed=pairs * (3 * bq + 4 * bk) * d * q.dtype.itemsize)
-    dk, dv = _call(functools.partial(_dkv_kernel, bound=col_bound, **kw), (b, h), col_bound,
+    dk, dv = _call(functools.partial(_dkv_kernel, bound=col_bound, **kw), h, col_bound,
                    [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"], sp["q"], sp["stat"],
                     sp["stat"]], [sp["k"], sp["k"]],
                    [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
                    [pltpu.VMEM((bk, d), _F32), pltpu.VMEM((bk, d), _F32)], cost,
-                   interpret)(steps, flags, total, *args)
+                   interpret)(steps, total, *args)
     cols = _rows_seen(plan.q_count, bk)[:, None, :, None]
     back = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]
     return (back(dq, length), back(jnp.where(cols, dk, 0), k.shape[1]),

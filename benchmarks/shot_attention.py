@@ -1,7 +1,14 @@
-"""Sparse shot attention (blocked XLA executor) vs dense masked attention, forward and fwd+bwd.
+"""Sparse shot attention (blocked XLA executor, Pallas kernels) vs dense attention.
 
     python benchmarks/shot_attention.py [--frames 64 --hw 16 --heads 1 --head-dim 64]
-        [--shots 2,4,8] [--block 256] [--repeats 2] [--out benchmarks/results/shot_attention.json]
+        [--shots 2,4,8] [--block 256] [--repeats 2] [--sections xla,kernels]
+        [--out benchmarks/results/shot_attention.json]
+
+Section `kernels`: on a GPU (or TPU), the Pallas kernel's fwd and fwd+bwd time vs dense
+`jax.nn.dot_product_attention` (cuDNN on GPU) in bf16, and TFLOP/s on the useful FLOPs
+(allowed pairs x 4 D per head forward); on a CPU, interpret-mode errors of both kernels vs the
+reference (no timings from the interpreter) and, with libtpu, the v5p AOT cost of the TPU
+kernel at the Wan shape (compiled FLOPs / useful FLOPs, temporaries).
 
 Default: L = 64 latent frames x 16x16 tokens = 16384, evenly spaced shots (`even_cuts`), float32,
 B = 1. Dense baseline: `jax.nn.dot_product_attention` with the [L, L] bool mask (built outside
@@ -89,6 +96,84 @@ def run_case(shots, args, rng):
     return rows
 
 
+def kernel_rows(args, rng):
+    """The `kernels` section (see the module doc)."""
+    from holocine_jax.attention.pallas_gpu import shot_attention_pallas_gpu
+    from holocine_jax.attention.pallas_tpu import shot_attention_pallas_tpu
+    from holocine_jax.attention.reference import shot_attention_reference
+
+    backend = jax.default_backend()
+    if backend == "cpu":
+        layout = ShotLayout.stack([ShotLayout.from_latent_cuts(7, [2, 5], latent_hw=(3, 4), max_shots=4)])
+        q, k, v = (jnp.asarray(rng.standard_normal((1, 84, 2, 16)), jnp.float32) for _ in range(3))
+        want = shot_attention_reference(q, k, v, layout)
+        plan = make_plan(layout, block_q=16, block_kv=16)
+        rows = [dict(kernel=name, interpret_rel_err=float(jnp.abs(fn(q, k, v, plan, interpret=True) - want).max()
+                                                         / jnp.abs(want).max()))
+                for name, fn in (("pallas_tpu", shot_attention_pallas_tpu), ("pallas_gpu", shot_attention_pallas_gpu))]
+        return rows + tpu_aot_rows()
+    kernel = shot_attention_pallas_gpu if backend == "gpu" else shot_attention_pallas_tpu
+    rows = []
+    for shots in args.shots:
+        frames = 4 * (args.frames - 1) + 1
+        layout = ShotLayout.stack([ShotLayout.from_cuts(frames, even_cuts(frames, shots),
+                                                        latent_hw=(args.hw, args.hw), max_shots=max(args.shots))])
+        film = jax.tree.map(lambda x: np.asarray(x)[0], layout)
+        useful = 4 * args.head_dim * args.heads * film.num_allowed_pairs("sparse")
+        plan = make_plan(layout, block_q=args.block, block_kv=args.block)
+        q, k, v = (jnp.asarray(rng.standard_normal((1, layout.num_tokens, args.heads, args.head_dim)),
+                               jnp.bfloat16) for _ in range(3))
+        dense_kw = dict(implementation="cudnn") if backend == "gpu" else {}
+        fns = {"pallas": lambda q, k, v: kernel(q, k, v, plan),
+               "dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **dense_kw)}
+        for pass_, units in (("fwd", 4), ("fwd+bwd", 18)):
+            times = {}
+            for name, fn in fns.items():
+                f = fn if pass_ == "fwd" else (lambda fn: lambda q, k, v: jax.grad(
+                    lambda *x: jnp.sum(fn(*x).astype(jnp.float32)), (0, 1, 2))(q, k, v))(fn)
+                f = jax.jit(f)
+                jax.block_until_ready(f(q, k, v))
+                times[name] = min(_time(f, q, k, v) for _ in range(args.repeats))
+            rows.append(dict(kernel=kernel.__name__, shots=shots, tokens=layout.num_tokens, pass_=pass_,
+                             pallas_s=times["pallas"], dense_s=times["dense"],
+                             speedup=times["dense"] / times["pallas"],
+                             useful_tflops=useful * units / 4 / times["pallas"] / 1e12))
+    return rows
+
+
+def tpu_aot_rows():
+    """Compiled FLOPs / useful FLOPs and temporaries of the TPU kernel for v5p at the Wan shape."""
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+        return []
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from holocine_jax.attention.pallas_tpu import shot_attention_pallas_tpu
+    from holocine_jax.parallel.compile import topology_devices
+
+    film = ShotLayout.from_cuts(241, even_cuts(241, 5), latent_hw=(30, 52), max_shots=5)
+    layout = film.broadcast_to_batch(1)
+    mesh = Mesh(np.array(topology_devices("v5p:2x2x1")[:1]), ("x",))
+    x = jax.ShapeDtypeStruct((1, layout.num_tokens, 10, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    rows = []
+    for bq, bk in ((512, 256), (512, 512), (1024, 512)):
+        plan = make_plan(layout, block_q=bq, block_kv=bk)
+        fwd = lambda q, k, v: shot_attention_pallas_tpu(q, k, v, plan)
+        bwd = lambda q, k, v: jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), (0, 1, 2))(q, k, v)
+        useful = film.num_allowed_pairs("sparse") * 128 * 10
+        for pass_, fn, units in (("fwd", fwd, 4), ("fwd+bwd", bwd, 18)):
+            c = jax.jit(fn).lower(x, x, x).compile()
+            rows.append(dict(kernel="pallas_tpu v5p AOT", block=f"{bq}x{bk}", pass_=pass_,
+                             tokens=layout.num_tokens, flops_over_useful=c.cost_analysis()["flops"] / (units * useful),
+                             temp_mb=_mb(c.memory_analysis().temp_size_in_bytes)))
+    return rows
+
+
+def _time(f, *args):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    return time.perf_counter() - t0
+
+
 def _mb(x):
     return None if x is None else round(x / 2**20, 1)
 
@@ -102,10 +187,12 @@ def main():
     parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sections", default="xla,kernels")
     parser.add_argument("--out", default="benchmarks/results/shot_attention.json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    rows = [r for shots in args.shots for r in run_case(shots, args, rng)]
+    sections = args.sections.split(",")
+    rows = [r for shots in args.shots for r in run_case(shots, args, rng)] if "xla" in sections else []
     head = (f"{'shots':>5} {'L':>6} {'pass':>8} {'xla s':>8} {'dense s':>8} {'time':>6} {'flop':>6} "
             f"{'exec':>6} {'goal':>5} {'xla MB':>8} {'dense MB':>9}")
     print(head)
@@ -113,10 +200,13 @@ def main():
         print(f"{r['shots']:>5} {r['tokens']:>6} {r['pass_']:>8} {r['xla_s']:>8.3f} {r['dense_s']:>8.3f} "
               f"{r['time_ratio']:>6.3f} {r['flop_ratio']:>6.3f} {r['executed_ratio']:>6.3f} "
               f"{str(r['goal_met']):>5} {r['xla_peak_mb']:>8} {r['dense_peak_mb']:>9}")
+    kernels = kernel_rows(args, rng) if "kernels" in sections else []
+    for r in kernels:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                   "args": vars(args), "rows": rows}, f, indent=1)
+                   "args": vars(args), "rows": rows, "kernels": kernels}, f, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -227,6 +227,9 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     # `compile --mesh.fsdp=8` is shorthand for `--config.mesh.fsdp=8`
     rest = ["--config." + a[2:] if a.startswith("--mesh.") else a for a in rest]
+    if args.command in ("train", "eval", "sample"):
+        from holocine_jax.parallel import initialize_distributed
+        initialize_distributed()   # multi-host TPU slices: every worker runs this command
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")

@@ -7,8 +7,9 @@
 #   NAME=holocine ZONE=us-east5-a launch/tpu_vm.sh delete
 #
 # ACCELERATOR: v5litepod-N (v5e) or v5p-N; RUNTIME defaults to the matching TPU VM image.
-# Multi-host slices run the same command on all workers (--worker=all); JAX finds its peers
-# through the TPU metadata server. Keep data and checkpoints on gs:// paths.
+# Multi-host slices run the same command on all workers (--worker=all) with
+# HOLOCINE_DISTRIBUTED=1, so the CLI calls jax.distributed.initialize() (peers from the TPU
+# metadata server). Keep data and checkpoints on gs:// paths.
 set -euo pipefail
 : "${NAME:?set NAME (the TPU VM name)}" "${ZONE:?set ZONE (e.g. us-east5-a)}"
 ACCELERATOR=${ACCELERATOR:-v5p-8}
@@ -26,7 +27,7 @@ case "$cmd" in
   install)
     tpu scp --recurse --worker=all "$(git rev-parse --show-toplevel)" "$NAME:~/$REMOTE_DIR"
     tpu ssh "$NAME" --worker=all --command "cd ~/$REMOTE_DIR && pip install -e '.[tpu]'" ;;
-  run) tpu ssh "$NAME" --worker=all --command "cd ~/$REMOTE_DIR && $(printf '%q ' "$@")" ;;
+  run) tpu ssh "$NAME" --worker=all --command "cd ~/$REMOTE_DIR && HOLOCINE_DISTRIBUTED=1 $(printf '%q ' "$@")" ;;
   delete) tpu delete "$NAME" --quiet ;;
   *) echo "unknown command $cmd (create|install|run|delete)" >&2; exit 2 ;;
 esac

@@ -131,10 +131,13 @@ def constrain(x, names, rules):
 
 
 def initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` on multi-host runs (a TPU pod slice with several workers,
-    or JAX_COORDINATOR_ADDRESS set); returns whether it ran. Call before any other jax use."""
+    """`jax.distributed.initialize()` on multi-host runs: HOLOCINE_DISTRIBUTED=1 (what
+    launch/tpu_vm.sh sets on every worker; on TPU VMs the peers come from the metadata server),
+    several TPU_WORKER_HOSTNAMES, or JAX_COORDINATOR_ADDRESS. Returns whether it ran; call it
+    before any other jax use."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if "," in hosts or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    if (os.environ.get("HOLOCINE_DISTRIBUTED") == "1" or "," in hosts
+            or os.environ.get("JAX_COORDINATOR_ADDRESS")):
         jax.distributed.initialize()
         return True
     return False

@@ -100,3 +100,21 @@ def test_interpret_sweep(kernel, seed):
     layout = ShotLayout.stack(random_layouts(rng, 2, frames=frames, hw=(3, 5), max_shots=8))
     for mode in ("sparse", "full", "independent"):
         check(kernel, layout, mode, float(rng.choice([1.0, 2.0])), seed=seed, block=(16, 32))
+
+
+def test_gpu_kernels_lower_through_triton_without_a_gpu():
+    """Exporting for CUDA runs the Pallas -> Triton lowering on this host (no GPU needed): the
+    forward is one Triton kernel, fwd+bwd three (fwd, dQ, dK/dV), at head_dim 128 in bf16."""
+    import re
+
+    from holocine_jax.shots import even_cuts
+    layout = ShotLayout.from_cuts(33, even_cuts(33, 3), latent_hw=(8, 16), max_shots=4).broadcast_to_batch(1)
+    plan = make_plan(layout, mode="sparse", block_q=64, block_kv=64)
+    x = jax.ShapeDtypeStruct((1, layout.num_tokens, 4, 128), jnp.bfloat16)
+    fwd = lambda q, k, v: shot_attention_pallas_gpu(q, k, v, plan)
+    bwd = lambda q, k, v: jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), (0, 1, 2))(q, k, v)
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    for fn, kernels in ((fwd, {"_fwd_kernel"}), (bwd, {"_fwd_kernel", "_dq_kernel", "_dkv_kernel"})):
+        text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(x, x, x).mlir_module()
+        assert text.count("@__gpu$xla.gpu.triton") == len(kernels)
+        assert set(re.findall(r'name = "(_\w+_kernel)"', text)) == kernels

@@ -109,6 +109,7 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         block_q=128,
         block_kv=128,
         context_strategy="ulysses",  # mesh.context > 1: ulysses (all-to-all heads) | shot_aware
+                                     # | auto (whichever moves fewer bytes for the halo below)
         context_halo_frames=-1,      # shot_aware: latent frames a shot may overhang a device
                                      # slice (the data's max; checked per batch); -1: whole film
     ))

@@ -14,7 +14,8 @@ Every attention call site in `model/` goes through `shot_attention` (video self-
   a CPU host picks the TPU kernel), else the default backend.
 - a mesh with `context` > 1 (jax.set_mesh): the film's sequence is split over devices and the
   call goes through `parallel.context.context_shot_attention` (`context_strategy` ulysses |
-  shot_aware), which runs this function again on each device's part.
+  shot_aware | auto: the one moving fewer bytes), which runs this function again on each
+  device's part.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from holocine_jax.attention.xla import shot_attention_xla
 from holocine_jax.shots import SELF_ATTENTION_MODES
 
 IMPLS = ("auto", "reference", "xla", "pallas")
-CONTEXT_STRATEGIES = ("ulysses", "shot_aware")
+CONTEXT_STRATEGIES = ("ulysses", "shot_aware", "auto")
 BLOCK_Q = 128   # config: attention.block_q
 BLOCK_KV = 128  # config: attention.block_kv
 
@@ -69,9 +70,10 @@ def shot_attention(q, k, v, layout=None, *, mode="sparse", impl="auto",
         return jax.nn.dot_product_attention(q, k, v)
     mesh = _context_mesh()
     if mesh is not None:
-        from holocine_jax.parallel.context import context_shot_attention, halo_tokens
+        from holocine_jax.parallel.context import choose_strategy, context_shot_attention, halo_tokens
         halo = halo_tokens(layout, mesh.shape["context"], context_halo_frames)
-        return context_shot_attention(q, k, v, layout, mesh=mesh, strategy=context_strategy,
+        strategy = choose_strategy(context_strategy, layout, mesh, q.shape[2], mode, halo)
+        return context_shot_attention(q, k, v, layout, mesh=mesh, strategy=strategy,
                                       mode=mode, impl=impl, summary_self_weight=summary_self_weight,
                                       block_q=block_q, block_kv=block_kv, halo=halo)
     b, length = q.shape[:2]

@@ -2,12 +2,14 @@
 
     out = shot_attention_pallas_gpu(q, k, v, plan, summary_self_weight=2.0)   # [B, L, H, D]
 
-One program per (batch, head, q block) loops (`fori_loop`) over that block's active kv blocks
-only, reading the plan's list (kv_index / kv_count) and slicing K/V with dynamic offsets; the
-mask of a partial block is recomputed from per-token shot ids, full blocks skip it. dQ runs the
-same row loop from the saved log-sum-exp; dK/dV one program per kv block loops over the
-transposed list (q_index / q_count). Online softmax and accumulation in float32. Blocks must be
-powers of two (Triton tensors). Same numbers as `pallas_tpu.py` (the shared `block_logits`).
+Forward: one program per (batch, head, q block) loops (`fori_loop`) over that block's active kv
+blocks only (kv_index / kv_count of the plan), slicing K/V at dynamic offsets; online softmax in
+float32; returns the log-sum-exp for the backward. Masking: a partial block recomputes its mask
+from per-token shot ids and summary flags; a full block skips the mask (and the own-summary bias
+when it holds no summary key) through a branch. dQ runs the same row loop from the saved
+log-sum-exp; dK/dV one program per kv block loops over the transposed list (q_index / q_count).
+No [L, L] array exists. Triton needs power-of-two blocks and head dims >= 16; float32 inputs
+use TF32 matmuls on the GPU (jax's default precision there), the interpreter computes in f32.
 """
 from __future__ import annotations
 
@@ -19,14 +21,31 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from holocine_jax.attention.pallas_tpu import block_logits
 from holocine_jax.attention.plan import BlockPlan
+from holocine_jax.shots import own_summary, self_attention_allowed
 
 _F32 = jnp.float32
 
 
 def _dot(a, b, contract):
     return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=_F32)
+
+
+def _logits(q, k, qs, ks, km, full, *, mode, log_w, scale):
+    """f32 logits [bq, bk] of one block pair with mask and bias: q [bq, D], k [bk, D]; shot ids
+    qs [bq, 1], ks [1, bk]; summary flags km [1, bk] (int). Full blocks that need no bias take
+    the branch without elementwise work."""
+    s = _dot(q, k, ((1,), (1,))) * scale
+    biased = mode == "sparse" and log_w != 0.0
+    plain = full != 0
+
+    def masked(s):
+        summary = km != 0
+        if biased:
+            s = s + log_w * own_summary(qs, ks, summary).astype(_F32)
+        return jnp.where(self_attention_allowed(qs, ks, summary, mode) | (full != 0), s, -jnp.inf)
+
+    return jax.lax.cond(plain, lambda s: s, masked, s)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, cnt_ref,
@@ -36,10 +55,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, 
 
     def body(j, carry):
         m, l, acc = carry
-        start = idx_ref[j] * bk
-        k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
-        s = block_logits(q, k, qs, ks_ref[pl.ds(start, bk)][None, :],
-                         km_ref[pl.ds(start, bk)][None, :] != 0, full_ref[j], **kw)
+        kv = pl.ds(idx_ref[j] * bk, bk)
+        v = v_ref[kv, :]
+        s = _logits(q, k_ref[kv, :], qs, ks_ref[kv][None, :], km_ref[kv][None, :], full_ref[j], **kw)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[:, None])
@@ -50,21 +68,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, 
     init = (jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32), jnp.zeros((bq, d), _F32))
     m, l, acc = jax.lax.fori_loop(0, cnt_ref[0], body, init)
     seen = l > 0
-    o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, cnt_ref,
                do_ref, lse_ref, delta_ref, dq_ref, *, bk, **kw):
-    q, qs, do = q_ref[...], qs_ref[...][:, None], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    q, qs, do, delta = q_ref[...], qs_ref[...][:, None], do_ref[...], delta_ref[...]
+    lse = lse_ref[...]
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing have p = 0 anyway
 
     def body(j, dq):
-        start = idx_ref[j] * bk
-        k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
-        s = block_logits(q, k, qs, ks_ref[pl.ds(start, bk)][None, :],
-                         km_ref[pl.ds(start, bk)][None, :] != 0, full_ref[j], **kw)
+        kv = pl.ds(idx_ref[j] * bk, bk)
+        k, v = k_ref[kv, :], v_ref[kv, :]
+        s = _logits(q, k, qs, ks_ref[kv][None, :], km_ref[kv][None, :], full_ref[j], **kw)
         p = jnp.exp(s - lse[:, None])
         ds = p * (_dot(do, v, ((1,), (1,))) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)))
@@ -75,18 +93,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, c
 
 def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, cnt_ref,
                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, bq, **kw):
-    k, v = k_ref[...], v_ref[...]
-    ks, km = ks_ref[...][None, :], km_ref[...][None, :] != 0
+    k, v, ks, km = k_ref[...], v_ref[...], ks_ref[...][None, :], km_ref[...][None, :]
 
     def body(j, carry):
         dk, dv = carry
-        start = idx_ref[j] * bq
-        q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
-        lse = lse_ref[pl.ds(start, bq)]
-        s = block_logits(q, k, qs_ref[pl.ds(start, bq)][:, None], ks, km, full_ref[j], **kw)
+        rows = pl.ds(idx_ref[j] * bq, bq)
+        q, do, lse = q_ref[rows, :], do_ref[rows, :], lse_ref[rows]
+        s = _logits(q, k, qs_ref[rows][:, None], ks, km, full_ref[j], **kw)
         p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[:, None])
         dv = dv + _dot(p.astype(do.dtype), do, ((0,), (0,)))
-        ds = p * (_dot(do, v, ((1,), (1,))) - delta_ref[pl.ds(start, bq)][:, None])
+        ds = p * (_dot(do, v, ((1,), (1,))) - delta_ref[rows][:, None])
         return dk + _dot(ds.astype(q.dtype), q, ((0,), (0,))), dv
 
     zeros = jnp.zeros(k.shape, _F32)
@@ -96,82 +112,81 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, 
 
 
 # ----------------------------------------------------------------------------- pallas calls
-def _layout(q, k, v, plan):
-    """[B, L, H, D] -> padded [B, H, L_pad, D]."""
-    nq, nk = plan.kv_index.shape[1], plan.q_index.shape[1]
-    pad = lambda x, n: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, n - x.shape[1]), (0, 0)))
-    return pad(q, nq * plan.block_q), pad(k, nk * plan.block_kv), pad(v, nk * plan.block_kv)
+def _heads_first(x, length):
+    """[B, L, H, D] -> [B, H, length, D], zero padded (length >= L: the plan's padded size)."""
+    x = jnp.swapaxes(x, 1, 2)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
 
 
-def _specs(plan, d, by_rows: bool):
-    """Blocks of the looped-over side are whole (sliced in the kernel); the program's own side
-    is one block. by_rows: programs over q blocks (fwd, dQ); else over kv blocks (dK/dV)."""
+def _tokens_first(x, length):
+    """[B, H, L_pad, D] -> [B, length, H, D]."""
+    return jnp.swapaxes(x, 1, 2)[:, :length]
+
+
+def _call(kernel, plan, d, by_rows, inputs, outputs, interpret):
+    """One pallas_call over grid (B, H, blocks of the program's own side). by_rows: programs own
+    q blocks and loop over kv blocks (fwd, dQ); else they own kv blocks (dK/dV). The looped-over
+    side is passed whole and sliced in the kernel. inputs: q, k, v, q_shot, k_shot, k_summary,
+    the three list arrays, then (backward) dO, lse, delta."""
     bq, bk = plan.block_q, plan.block_kv
     lq, lk = plan.q_shot.shape[1], plan.k_shot.shape[1]
-    n_list = plan.kv_index.shape[2] if by_rows else plan.q_index.shape[2]
-    own = lambda block: pl.BlockSpec((None, None, block, d), lambda b, h, i: (b, h, i, 0))
-    whole = lambda length: pl.BlockSpec((None, None, length, d), lambda b, h, i: (b, h, 0, 0))
-    vec_own = lambda block: pl.BlockSpec((None, block), lambda b, h, i: (b, i))
-    vec_whole = lambda length: pl.BlockSpec((None, length), lambda b, h, i: (b, 0))
-    stat_own = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-    stat_whole = pl.BlockSpec((None, None, lq), lambda b, h, i: (b, h, 0))
-    lists = [pl.BlockSpec((None, None, n_list), lambda b, h, i: (b, i, 0))] * 2 + [
+    b, h = inputs[0].shape[:2]
+    tile = lambda n: pl.BlockSpec((None, None, n, d), lambda b, h, i: (b, h, i, 0))
+    whole = lambda n: pl.BlockSpec((None, None, n, d), lambda b, h, i: (b, h, 0, 0))
+    vec_tile = lambda n: pl.BlockSpec((None, n), lambda b, h, i: (b, i))
+    vec_whole = lambda n: pl.BlockSpec((None, n), lambda b, h, i: (b, 0))
+    row_tile = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
+    row_whole = pl.BlockSpec((None, None, lq), lambda b, h, i: (b, h, 0))
+    width = inputs[6].shape[2]
+    lists = [pl.BlockSpec((None, None, width), lambda b, h, i: (b, i, 0))] * 2 + [
         pl.BlockSpec((None, None, 1), lambda b, h, i: (b, i, 0))]
     if by_rows:
-        return dict(q=own(bq), k=whole(lk), qs=vec_own(bq), ks=vec_whole(lk), lists=lists,
-                    stat=stat_own)
-    return dict(q=whole(lq), k=own(bk), qs=vec_whole(lq), ks=vec_own(bk), lists=lists,
-                stat=stat_whole)
+        q, kv, qs, ks, stat, grid = tile(bq), whole(lk), vec_tile(bq), vec_whole(lk), row_tile, lq // bq
+    else:
+        q, kv, qs, ks, stat, grid = whole(lq), tile(bk), vec_whole(lq), vec_tile(bk), row_whole, lk // bk
+    in_specs = [q, kv, kv, qs, ks, ks, *lists, q, stat, stat][:len(inputs)]
+    big = max(bq, bk) * max(bq, bk, d) >= 128 * 128
+    return pl.pallas_call(
+        kernel, grid=(b, h, grid), in_specs=in_specs,
+        out_specs=[{"q": q, "kv": kv, "stat": stat}[name] for name, _ in outputs],
+        out_shape=[shape for _, shape in outputs], interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=8 if big else 4, num_stages=2),
+    )(*inputs)
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          out_shape=out_shape, interpret=interpret,
-                          compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2))
+def _plan_inputs(plan, transposed):
+    """Per-token vectors and the (index, full, count) lists, as int32 kernel inputs."""
+    lists = ((plan.q_index, plan.q_full, plan.q_count) if transposed
+             else (plan.kv_index, plan.kv_full, plan.kv_count))
+    return (plan.q_shot, plan.k_shot, plan.k_summary.astype(jnp.int32), lists[0],
+            lists[1].astype(jnp.int32), lists[2][..., None])
 
 
 def _forward(q, k, v, plan, log_w, interpret):
-    b, length, h, d = q.shape
-    nq = plan.kv_index.shape[1]
-    qt, kt, vt = _layout(q, k, v, plan)
-    sp = _specs(plan, d, by_rows=True)
-    kw = dict(mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(d))
-    lists = (plan.kv_index, plan.kv_full.astype(jnp.int32), plan.kv_count[..., None])
-    out, lse = _call(functools.partial(_fwd_kernel, bk=plan.block_kv, **kw), (b, h, nq),
-                     [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"], *sp["lists"]],
-                     [sp["q"], sp["stat"]],
-                     [jax.ShapeDtypeStruct(qt.shape, q.dtype),
-                      jax.ShapeDtypeStruct((b, h, qt.shape[2]), _F32)], interpret)(
-        qt, kt, vt, plan.q_shot, plan.k_shot, plan.k_summary.astype(jnp.int32), *lists)
-    return jnp.swapaxes(out, 1, 2)[:, :length], lse
+    """out [B, L, H, D] and lse [B, H, L_pad] (f32, -inf for rows that see nothing)."""
+    lq, lk = plan.q_shot.shape[1], plan.k_shot.shape[1]
+    qt, kt, vt = _heads_first(q, lq), _heads_first(k, lk), _heads_first(v, lk)
+    kw = dict(mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(q.shape[-1]))
+    out, lse = _call(functools.partial(_fwd_kernel, bk=plan.block_kv, **kw), plan, q.shape[-1], True,
+                     (qt, kt, vt, *_plan_inputs(plan, False)),
+                     [("q", jax.ShapeDtypeStruct(qt.shape, q.dtype)),
+                      ("stat", jax.ShapeDtypeStruct(qt.shape[:3], _F32))], interpret)
+    return _tokens_first(out, q.shape[1]), lse
 
 
 def _backward(q, k, v, out, lse, plan, log_w, do, interpret):
-    b, length, h, d = q.shape
-    nq, nk = plan.kv_index.shape[1], plan.q_index.shape[1]
-    qt, kt, vt = _layout(q, k, v, plan)
-    dot = _layout(do, do, do, plan)[0]
-    delta = jnp.sum(dot.astype(_F32) * _layout(out, out, out, plan)[0].astype(_F32), axis=-1)
+    lq, lk, d = plan.q_shot.shape[1], plan.k_shot.shape[1], q.shape[-1]
+    qt, kt, vt, dot = _heads_first(q, lq), _heads_first(k, lk), _heads_first(v, lk), _heads_first(do, lq)
+    delta = jnp.sum(dot.astype(_F32) * _heads_first(out, lq).astype(_F32), axis=-1)
     kw = dict(mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(d))
-    vectors = (plan.q_shot, plan.k_shot, plan.k_summary.astype(jnp.int32))
-
-    sp = _specs(plan, d, by_rows=True)
-    rows = (plan.kv_index, plan.kv_full.astype(jnp.int32), plan.kv_count[..., None])
-    dq = _call(functools.partial(_dq_kernel, bk=plan.block_kv, **kw), (b, h, nq),
-               [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"], *sp["lists"],
-                sp["q"], sp["stat"], sp["stat"]], sp["q"],
-               jax.ShapeDtypeStruct(qt.shape, q.dtype), interpret)(
-        qt, kt, vt, *vectors, *rows, dot, lse, delta)
-
-    sp = _specs(plan, d, by_rows=False)
-    cols = (plan.q_index, plan.q_full.astype(jnp.int32), plan.q_count[..., None])
-    dk, dv = _call(functools.partial(_dkv_kernel, bq=plan.block_q, **kw), (b, h, nk),
-                   [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"], sp["ks"], *sp["lists"],
-                    sp["q"], sp["stat"], sp["stat"]], [sp["k"], sp["k"]],
-                   [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-                   interpret)(qt, kt, vt, *vectors, *cols, dot, lse, delta)
-    back = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]
-    return back(dq, length), back(dk, k.shape[1]), back(dv, v.shape[1])
+    (dq,) = _call(functools.partial(_dq_kernel, bk=plan.block_kv, **kw), plan, d, True,
+                  (qt, kt, vt, *_plan_inputs(plan, False), dot, lse, delta),
+                  [("q", jax.ShapeDtypeStruct(qt.shape, q.dtype))], interpret)
+    dk, dv = _call(functools.partial(_dkv_kernel, bq=plan.block_q, **kw), plan, d, False,
+                   (qt, kt, vt, *_plan_inputs(plan, True), dot, lse, delta),
+                   [("kv", jax.ShapeDtypeStruct(kt.shape, k.dtype)),
+                    ("kv", jax.ShapeDtypeStruct(vt.shape, v.dtype))], interpret)
+    return _tokens_first(dq, q.shape[1]), _tokens_first(dk, k.shape[1]), _tokens_first(dv, v.shape[1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -196,11 +211,17 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 def shot_attention_pallas_gpu(q, k, v, plan: BlockPlan, *, summary_self_weight=2.0,
                               interpret=False):
     """Shot attention over a block plan with the Triton kernels. q: [B, L, H, D]; k, v:
-    [B, Lk, H, D] -> [B, L, H, D]. `interpret=True` runs the Pallas interpreter (any backend)."""
+    [B, Lk, H, D] (Lk = the plan's key tokens) -> [B, L, H, D]. Differentiable w.r.t. q, k, v.
+    `summary_self_weight` biases own-shot summary keys by log(w) in sparse plans.
+    `interpret=True` runs the Pallas interpreter (any backend)."""
     if q.shape[1] != plan.num_tokens:
         raise ValueError(f"sequence length {q.shape[1]} != plan tokens {plan.num_tokens}")
-    for name, size in (("block_q", plan.block_q), ("block_kv", plan.block_kv), ("head_dim", q.shape[-1])):
-        if size & (size - 1):
-            raise ValueError(f"Triton needs powers of two: {name}={size}")
+    nk, bk = plan.q_index.shape[1], plan.block_kv
+    if k.shape != v.shape or k.shape[0::2] != q.shape[0::2] or not (nk - 1) * bk < k.shape[1] <= nk * bk:
+        raise ValueError(f"keys {k.shape} / values {v.shape} do not fit queries {q.shape} and the "
+                         f"plan's {nk} kv blocks of {bk} tokens")
+    for name, size in (("block_q", plan.block_q), ("block_kv", bk), ("head_dim", q.shape[-1])):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"Triton needs powers of two >= 16: {name}={size}")
     log_w = math.log(summary_self_weight) if plan.mode == "sparse" else 0.0
     return _attend(q, k, v, plan, float(log_w), bool(interpret))

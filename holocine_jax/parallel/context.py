@@ -21,7 +21,9 @@ local step is the block plan of the slice against those keys (`make_token_plan`)
 it moves 2 x (halo_left + halo_right + max_shots*S*T) tokens of K and V, so it beats ulysses
 when shots are short next to a slice. The halos are static (a program serves every layout of
 its shape): give the data's largest overhang (`required_halo`); the default is the whole film
-(always enough). `full` mode has no sparsity to exploit and runs ulysses.
+(always enough). `full` mode has no sparsity to exploit and runs ulysses. Strategy `auto`
+(resolved by the attention dispatch, `choose_strategy`) runs shot_aware when its halos move
+fewer bytes than ulysses or the heads do not split for ulysses, else ulysses.
 """
 from __future__ import annotations
 
@@ -94,6 +96,20 @@ def check_halo(layout, context: int, halo_frames: int) -> None:
         raise ValueError(f"a shot overhangs its context slice by {max(need)} tokens "
                          f"({-(-max(need) // t)} latent frames) but config.attention."
                          f"context_halo_frames={halo_frames}; raise it (or -1: the whole film)")
+
+
+def choose_strategy(strategy: str, layout, mesh, num_heads: int, mode: str, halo) -> str:
+    """Resolve `auto`: shot_aware when its static halos move fewer bytes per device (K and V of
+    both halos and the summaries) than ulysses (q, k, v, out slices) or the heads do not split
+    for ulysses; else ulysses. Other strategies pass through."""
+    if strategy != "auto":
+        return strategy
+    c, t = mesh.shape["context"], mesh.shape.get("tensor", 1)
+    summaries = layout.max_shots * layout.summary_frames * layout.tokens_per_frame
+    moved = 2 * (sum(halo) + (summaries if mode == "sparse" else 0))
+    if num_heads % (c * t) and mode != "full":
+        return "shot_aware"
+    return "shot_aware" if moved < 4 * layout.num_tokens // c and mode != "full" else "ulysses"
 
 
 def _summary_keys(layout):

@@ -55,8 +55,8 @@ def test_context_attention_equals_reference(sizes, mode, strategy):
 
     @jax.jit
     def sharded(q, k, v, ct, layout):
-        attend = functools.partial(shot_attention, layout=layout, mode=mode, impl="xla",
-                                   block_q=16, block_kv=16, context_strategy=strategy)
+        attend = functools.partial(context_shot_attention, layout=layout, mesh=mesh, mode=mode,
+                                   impl="xla", block_q=16, block_kv=16, strategy=strategy)
         return out_and_grads(attend, q, k, v, ct)
 
     with jax.set_mesh(mesh):
@@ -123,6 +123,11 @@ def test_shot_aware_moves_near_the_minimum_and_less_than_ulysses(context, frames
     ours, theirs = sum(moved["shot_aware"].values()), sum(moved["ulysses"].values())
     assert ours <= 1.2 * minimum, (ours, minimum, moved)
     assert ours < theirs, moved
+    # `auto` with the whole film as halo (the default) picks ulysses, which moves less
+    f = jax.jit(lambda q, k, v, l: shot_attention(q, k, v, l, impl="xla", block_q=16, block_kv=16,
+                                                   context_strategy="auto"))
+    with jax.set_mesh(mesh):
+        assert collective_bytes(f.lower(x, x, x, layout).compile().as_text()) == moved["ulysses"]
 
 
 def test_required_halo_is_checked_per_batch():

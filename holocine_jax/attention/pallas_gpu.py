@@ -37,7 +37,7 @@ def _logits(q, k, qs, ks, km, full, *, mode, log_w, scale):
     the branch without elementwise work."""
     s = _dot(q, k, ((1,), (1,))) * scale
     biased = mode == "sparse" and log_w != 0.0
-    plain = full != 0
+    plain = (full != 0) & (jnp.max(km) == 0) if biased else full != 0
 
     def masked(s):
         summary = km != 0

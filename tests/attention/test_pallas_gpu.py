@@ -1,0 +1,63 @@
+"""GPU (Triton) kernel specifics: Wan's head dims 64 and 128 in the interpreter vs the reference,
+clear errors for shapes Triton cannot take, and on a GPU backend the compiled kernel vs the
+reference (skipped elsewhere). The shared interpret sweep is in test_pallas.py."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention.test_pallas import out_and_grads
+from attention.test_xla import random_layouts, rel_err
+from holocine_jax.attention.pallas_gpu import shot_attention_pallas_gpu
+from holocine_jax.attention.plan import make_plan
+from holocine_jax.attention.reference import shot_attention_reference
+from holocine_jax.shots import ShotLayout
+
+
+def compare(layout, heads, head_dim, block, *, weight=2.0, dtype=jnp.float32, interpret=True):
+    """Max rel err of (out, dq, dk, dv) of the kernel vs the reference, sparse mode."""
+    rng = np.random.default_rng(head_dim)
+    shape = (layout.shot_starts.shape[0], layout.num_tokens, heads, head_dim)
+    q, k, v, ct = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
+    want = out_and_grads(lambda q, k, v: shot_attention_reference(
+        q, k, v, layout, summary_self_weight=weight), q, k, v, ct)
+    plan = make_plan(layout, block_q=block, block_kv=block)
+    got = out_and_grads(lambda q, k, v: shot_attention_pallas_gpu(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), plan, summary_self_weight=weight,
+        interpret=interpret), q, k, v, ct)
+    return {name: rel_err(g.astype(jnp.float32), w)
+            for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_wan_head_dims_in_the_interpreter(head_dim):
+    """Ragged shots of 1, 3, 2 frames: 72 tokens in blocks of 32 (padded to 96)."""
+    layout = ShotLayout.from_latent_cuts(6, [1, 4], latent_hw=(3, 4), max_shots=3).broadcast_to_batch(1)
+    errors = compare(layout, 1, head_dim, 32)
+    assert max(errors.values()) <= 2e-5, errors
+
+
+def test_shapes_triton_cannot_take_are_named():
+    layout = ShotLayout.from_latent_cuts(6, [3], latent_hw=(2, 4), max_shots=2).broadcast_to_batch(1)
+    x = jnp.zeros((1, 48, 2, 32))
+    with pytest.raises(ValueError, match="block_q=24"):
+        shot_attention_pallas_gpu(x, x, x, make_plan(layout, block_q=24, block_kv=16))
+    with pytest.raises(ValueError, match="head_dim=8"):
+        y = jnp.zeros((1, 48, 2, 8))
+        shot_attention_pallas_gpu(y, y, y, make_plan(layout, block_q=16, block_kv=16))
+    plan = make_plan(layout, block_q=16, block_kv=16)
+    with pytest.raises(ValueError, match="sequence length 40"):
+        shot_attention_pallas_gpu(x[:, :40], x, x, plan)
+    with pytest.raises(ValueError, match="kv blocks"):
+        shot_attention_pallas_gpu(x, x[:, :16], x[:, :16], plan)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend (Triton)")
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 3e-2), (jnp.float32, 3e-3)])
+def test_compiled_kernel_on_a_gpu(dtype, tol):
+    """The compiled kernel (f32 runs TF32 matmuls, hence the looser f32 bound) at blocks 64 and
+    head dim 128 on a 2-film batch with ragged shots."""
+    rng = np.random.default_rng(3)
+    layout = ShotLayout.stack(random_layouts(rng, 2, frames=13, hw=(8, 10), max_shots=6))
+    errors = compare(layout, 4, 128, 64, dtype=dtype, interpret=False)
+    assert max(errors.values()) <= tol, errors

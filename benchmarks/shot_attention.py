@@ -6,9 +6,10 @@
 
 Section `kernels`: on a GPU (or TPU), the Pallas kernel's fwd and fwd+bwd time vs dense
 `jax.nn.dot_product_attention` (cuDNN on GPU) in bf16, and TFLOP/s on the useful FLOPs
-(allowed pairs x 4 D per head forward); on a CPU, interpret-mode errors of both kernels vs the
-reference (no timings from the interpreter) and, with libtpu, the v5p AOT cost of the TPU
-kernel at the Wan shape (compiled FLOPs / useful FLOPs, temporaries).
+(allowed pairs x 4 D per head forward, x 3.5 for fwd+bwd as FlashAttention counts; dense
+cuDNN's TFLOP/s on its L^2 pairs beside it; GPU blocks `--gpu-block`); on a CPU,
+interpret-mode errors of both kernels vs the reference (no timings from the interpreter) and,
+with libtpu, the v5p AOT cost of the TPU kernel at the Wan shape (compiled FLOPs / useful FLOPs, temporaries).
 
 Default: L = 64 latent frames x 16x16 tokens = 16384, evenly spaced shots (`even_cuts`), float32,
 B = 1. Dense baseline: `jax.nn.dot_product_attention` with the [L, L] bool mask (built outside
@@ -120,13 +121,15 @@ def kernel_rows(args, rng):
                                                         latent_hw=(args.hw, args.hw), max_shots=max(args.shots))])
         film = jax.tree.map(lambda x: np.asarray(x)[0], layout)
         useful = 4 * args.head_dim * args.heads * film.num_allowed_pairs("sparse")
-        plan = make_plan(layout, block_q=args.block, block_kv=args.block)
+        block = args.gpu_block if backend == "gpu" else args.block
+        plan = make_plan(layout, block_q=block, block_kv=block)
         q, k, v = (jnp.asarray(rng.standard_normal((1, layout.num_tokens, args.heads, args.head_dim)),
                                jnp.bfloat16) for _ in range(3))
         dense_kw = dict(implementation="cudnn") if backend == "gpu" else {}
         fns = {"pallas": lambda q, k, v: kernel(q, k, v, plan),
                "dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **dense_kw)}
-        for pass_, units in (("fwd", 4), ("fwd+bwd", 18)):
+        dense_flops = 4 * args.head_dim * args.heads * layout.num_tokens ** 2
+        for pass_, units in (("fwd", 4), ("fwd+bwd", 14)):
             times = {}
             for name, fn in fns.items():
                 f = fn if pass_ == "fwd" else (lambda fn: lambda q, k, v: jax.grad(
@@ -137,7 +140,8 @@ def kernel_rows(args, rng):
             rows.append(dict(kernel=kernel.__name__, shots=shots, tokens=layout.num_tokens, pass_=pass_,
                              pallas_s=times["pallas"], dense_s=times["dense"],
                              speedup=times["dense"] / times["pallas"],
-                             useful_tflops=useful * units / 4 / times["pallas"] / 1e12))
+                             useful_tflops=useful * units / 4 / times["pallas"] / 1e12,
+                             dense_tflops=dense_flops * units / 4 / times["dense"] / 1e12))
     return rows
 
 
@@ -186,6 +190,7 @@ def main():
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
     parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--gpu-block", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sections", default="xla,kernels")
     parser.add_argument("--out", default="benchmarks/results/shot_attention.json")

@@ -1,7 +1,7 @@
 """Sparse shot attention (blocked XLA executor, Pallas kernels) vs dense attention.
 
     python benchmarks/shot_attention.py [--frames 64 --hw 16 --heads 1 --head-dim 64]
-        [--shots 2,4,8] [--block 256] [--repeats 2] [--sections xla,kernels]
+        [--shots 2,4,8] [--block 256] [--gpu-block 128] [--repeats 2] [--sections xla,kernels]
         [--out benchmarks/results/shot_attention.json]
 
 Section `kernels`: on a GPU (or TPU), the Pallas kernel's fwd and fwd+bwd time vs dense
@@ -9,7 +9,8 @@ Section `kernels`: on a GPU (or TPU), the Pallas kernel's fwd and fwd+bwd time v
 (allowed pairs x 4 D per head forward, x 3.5 for fwd+bwd as FlashAttention counts; dense
 cuDNN's TFLOP/s on its L^2 pairs beside it; GPU blocks `--gpu-block`); on a CPU,
 interpret-mode errors of both kernels vs the reference (no timings from the interpreter) and,
-with libtpu, the v5p AOT cost of the TPU kernel at the Wan shape (compiled FLOPs / useful FLOPs, temporaries).
+with libtpu, the v5p AOT cost of the TPU kernel at the Wan shape (compiled FLOPs / useful
+FLOPs, temporaries).
 
 Default: L = 64 latent frames x 16x16 tokens = 16384, evenly spaced shots (`even_cuts`), float32,
 B = 1. Dense baseline: `jax.nn.dot_product_attention` with the [L, L] bool mask (built outside

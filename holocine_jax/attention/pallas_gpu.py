@@ -56,8 +56,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, 
     def body(j, carry):
         m, l, acc = carry
         kv = pl.ds(idx_ref[j] * bk, bk)
-        v = v_ref[kv, :]
-        s = _logits(q, k_ref[kv, :], qs, ks_ref[kv][None, :], km_ref[kv][None, :], full_ref[j], **kw)
+        k, v = k_ref[kv, :], v_ref[kv, :]
+        s = _logits(q, k, qs, ks_ref[kv][None, :], km_ref[kv][None, :], full_ref[j], **kw)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[:, None])
@@ -141,13 +141,13 @@ def _call(kernel, plan, d, by_rows, inputs, outputs, interpret):
     lists = [pl.BlockSpec((None, None, width), lambda b, h, i: (b, i, 0))] * 2 + [
         pl.BlockSpec((None, None, 1), lambda b, h, i: (b, i, 0))]
     if by_rows:
-        q, kv, qs, ks, stat, grid = tile(bq), whole(lk), vec_tile(bq), vec_whole(lk), row_tile, lq // bq
+        q, kv, qs, ks, stat = tile(bq), whole(lk), vec_tile(bq), vec_whole(lk), row_tile
     else:
-        q, kv, qs, ks, stat, grid = whole(lq), tile(bk), vec_whole(lq), vec_tile(bk), row_whole, lk // bk
+        q, kv, qs, ks, stat = whole(lq), tile(bk), vec_whole(lq), vec_tile(bk), row_whole
     in_specs = [q, kv, kv, qs, ks, ks, *lists, q, stat, stat][:len(inputs)]
     big = max(bq, bk) * max(bq, bk, d) >= 128 * 128
     return pl.pallas_call(
-        kernel, grid=(b, h, grid), in_specs=in_specs,
+        kernel, grid=(b, h, lq // bq if by_rows else lk // bk), in_specs=in_specs,
         out_specs=[{"q": q, "kv": kv, "stat": stat}[name] for name, _ in outputs],
         out_shape=[shape for _, shape in outputs], interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=8 if big else 4, num_stages=2),
@@ -167,7 +167,8 @@ def _forward(q, k, v, plan, log_w, interpret):
     lq, lk = plan.q_shot.shape[1], plan.k_shot.shape[1]
     qt, kt, vt = _heads_first(q, lq), _heads_first(k, lk), _heads_first(v, lk)
     kw = dict(mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(q.shape[-1]))
-    out, lse = _call(functools.partial(_fwd_kernel, bk=plan.block_kv, **kw), plan, q.shape[-1], True,
+    kernel = functools.partial(_fwd_kernel, bk=plan.block_kv, **kw)
+    out, lse = _call(kernel, plan, q.shape[-1], True,
                      (qt, kt, vt, *_plan_inputs(plan, False)),
                      [("q", jax.ShapeDtypeStruct(qt.shape, q.dtype)),
                       ("stat", jax.ShapeDtypeStruct(qt.shape[:3], _F32))], interpret)
@@ -176,7 +177,7 @@ def _forward(q, k, v, plan, log_w, interpret):
 
 def _backward(q, k, v, out, lse, plan, log_w, do, interpret):
     lq, lk, d = plan.q_shot.shape[1], plan.k_shot.shape[1], q.shape[-1]
-    qt, kt, vt, dot = _heads_first(q, lq), _heads_first(k, lk), _heads_first(v, lk), _heads_first(do, lq)
+    qt, dot, kt, vt = (_heads_first(x, n) for x, n in ((q, lq), (do, lq), (k, lk), (v, lk)))
     delta = jnp.sum(dot.astype(_F32) * _heads_first(out, lq).astype(_F32), axis=-1)
     kw = dict(mode=plan.mode, log_w=log_w, scale=1.0 / math.sqrt(d))
     (dq,) = _call(functools.partial(_dq_kernel, bk=plan.block_kv, **kw), plan, d, True,
@@ -186,7 +187,7 @@ def _backward(q, k, v, out, lse, plan, log_w, do, interpret):
                    (qt, kt, vt, *_plan_inputs(plan, True), dot, lse, delta),
                    [("kv", jax.ShapeDtypeStruct(kt.shape, k.dtype)),
                     ("kv", jax.ShapeDtypeStruct(vt.shape, v.dtype))], interpret)
-    return _tokens_first(dq, q.shape[1]), _tokens_first(dk, k.shape[1]), _tokens_first(dv, v.shape[1])
+    return tuple(_tokens_first(g, x.shape[1]) for g, x in ((dq, q), (dk, k), (dv, v)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -217,7 +218,8 @@ def shot_attention_pallas_gpu(q, k, v, plan: BlockPlan, *, summary_self_weight=2
     if q.shape[1] != plan.num_tokens:
         raise ValueError(f"sequence length {q.shape[1]} != plan tokens {plan.num_tokens}")
     nk, bk = plan.q_index.shape[1], plan.block_kv
-    if k.shape != v.shape or k.shape[0::2] != q.shape[0::2] or not (nk - 1) * bk < k.shape[1] <= nk * bk:
+    fits = (nk - 1) * bk < k.shape[1] <= nk * bk
+    if k.shape != v.shape or k.shape[0::2] != q.shape[0::2] or not fits:
         raise ValueError(f"keys {k.shape} / values {v.shape} do not fit queries {q.shape} and the "
                          f"plan's {nk} kv blocks of {bk} tokens")
     for name, size in (("block_q", plan.block_q), ("block_kv", bk), ("head_dim", q.shape[-1])):

@@ -32,13 +32,15 @@ def compare(layout, heads, head_dim, block, *, weight=2.0, dtype=jnp.float32, in
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_wan_head_dims_in_the_interpreter(head_dim):
     """Ragged shots of 1, 3, 2 frames: 72 tokens in blocks of 32 (padded to 96)."""
-    layout = ShotLayout.from_latent_cuts(6, [1, 4], latent_hw=(3, 4), max_shots=3).broadcast_to_batch(1)
+    film = ShotLayout.from_latent_cuts(6, [1, 4], latent_hw=(3, 4), max_shots=3)
+    layout = film.broadcast_to_batch(1)
     errors = compare(layout, 1, head_dim, 32)
     assert max(errors.values()) <= 2e-5, errors
 
 
 def test_shapes_triton_cannot_take_are_named():
-    layout = ShotLayout.from_latent_cuts(6, [3], latent_hw=(2, 4), max_shots=2).broadcast_to_batch(1)
+    layout = ShotLayout.from_latent_cuts(6, [3], latent_hw=(2, 4), max_shots=2)
+    layout = layout.broadcast_to_batch(1)
     x = jnp.zeros((1, 48, 2, 32))
     with pytest.raises(ValueError, match="block_q=24"):
         shot_attention_pallas_gpu(x, x, x, make_plan(layout, block_q=24, block_kv=16))

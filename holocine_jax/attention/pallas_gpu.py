@@ -25,6 +25,9 @@ from holocine_jax.attention.plan import BlockPlan
 from holocine_jax.shots import own_summary, self_attention_allowed
 
 _F32 = jnp.float32
+# dK/dV tiles: a program owns <= _DKV_TILE keys and steps <= _DKV_TILE query rows at a time, so
+# its two f32 accumulators fit the registers at head dim 128 (ptxas for sm_90: no spills).
+_DKV_TILE = 64
 
 
 def _dot(a, b, contract):
@@ -92,12 +95,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, c
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, cnt_ref,
-                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, bq, **kw):
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, bq, sub, **kw):
+    """Steps through each listed q block in `sub`-row slices (smaller [sub, bk] tiles)."""
     k, v, ks, km = k_ref[...], v_ref[...], ks_ref[...][None, :], km_ref[...][None, :]
+    per_block = bq // sub
 
-    def body(j, carry):
+    def body(t, carry):
         dk, dv = carry
-        rows = pl.ds(idx_ref[j] * bq, bq)
+        j, part = jax.lax.div(t, per_block), jax.lax.rem(t, per_block)
+        rows = pl.ds(idx_ref[j] * bq + part * sub, sub)
         q, do, lse = q_ref[rows, :], do_ref[rows, :], lse_ref[rows]
         s = _logits(q, k, qs_ref[rows][:, None], ks, km, full_ref[j], **kw)
         p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[:, None])
@@ -106,7 +112,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref, idx_ref, full_ref, 
         return dk + _dot(ds.astype(q.dtype), q, ((0,), (0,))), dv
 
     zeros = jnp.zeros(k.shape, _F32)
-    dk, dv = jax.lax.fori_loop(0, cnt_ref[0], body, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(0, cnt_ref[0] * per_block, body, (zeros, zeros))
     dk_ref[...] = (dk * kw["scale"]).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -124,11 +130,14 @@ def _tokens_first(x, length):
 
 
 def _call(kernel, plan, d, by_rows, inputs, outputs, interpret):
-    """One pallas_call over grid (B, H, blocks of the program's own side). by_rows: programs own
-    q blocks and loop over kv blocks (fwd, dQ); else they own kv blocks (dK/dV). The looped-over
-    side is passed whole and sliced in the kernel. inputs: q, k, v, q_shot, k_shot, k_summary,
-    the three list arrays, then (backward) dO, lse, delta."""
+    """One pallas_call over grid (B, H, tiles of the program's own side). by_rows: programs own
+    a q block and loop over kv blocks (fwd, dQ); else they own a tile of <= _DKV_TILE keys of a
+    kv block and loop over its q blocks (dK/dV). The looped-over side is passed whole and sliced
+    in the kernel. inputs: q, k, v, q_shot, k_shot, k_summary, the three list arrays, then
+    (backward) dO, lse, delta. 8 warps unless every tile dimension is <= 64."""
     bq, bk = plan.block_q, plan.block_kv
+    split = 1 if by_rows else bk // min(bk, _DKV_TILE)  # tiles per kv block
+    bk = bk // split
     lq, lk = plan.q_shot.shape[1], plan.k_shot.shape[1]
     b, h = inputs[0].shape[:2]
     tile = lambda n: pl.BlockSpec((None, None, n, d), lambda b, h, i: (b, h, i, 0))
@@ -138,19 +147,19 @@ def _call(kernel, plan, d, by_rows, inputs, outputs, interpret):
     row_tile = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
     row_whole = pl.BlockSpec((None, None, lq), lambda b, h, i: (b, h, 0))
     width = inputs[6].shape[2]
-    lists = [pl.BlockSpec((None, None, width), lambda b, h, i: (b, i, 0))] * 2 + [
-        pl.BlockSpec((None, None, 1), lambda b, h, i: (b, i, 0))]
+    lists = [pl.BlockSpec((None, None, width), lambda b, h, i: (b, i // split, 0))] * 2 + [
+        pl.BlockSpec((None, None, 1), lambda b, h, i: (b, i // split, 0))]
     if by_rows:
         q, kv, qs, ks, stat = tile(bq), whole(lk), vec_tile(bq), vec_whole(lk), row_tile
     else:
         q, kv, qs, ks, stat = whole(lq), tile(bk), vec_whole(lq), vec_tile(bk), row_whole
     in_specs = [q, kv, kv, qs, ks, ks, *lists, q, stat, stat][:len(inputs)]
-    big = max(bq, bk) * max(bq, bk, d) >= 128 * 128
     return pl.pallas_call(
         kernel, grid=(b, h, lq // bq if by_rows else lk // bk), in_specs=in_specs,
         out_specs=[{"q": q, "kv": kv, "stat": stat}[name] for name, _ in outputs],
         out_shape=[shape for _, shape in outputs], interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=8 if big else 4, num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=4 if max(bq, bk, d) <= 64 else 8,
+                                                num_stages=2),
     )(*inputs)
 
 
@@ -183,7 +192,8 @@ def _backward(q, k, v, out, lse, plan, log_w, do, interpret):
     (dq,) = _call(functools.partial(_dq_kernel, bk=plan.block_kv, **kw), plan, d, True,
                   (qt, kt, vt, *_plan_inputs(plan, False), dot, lse, delta),
                   [("q", jax.ShapeDtypeStruct(qt.shape, q.dtype))], interpret)
-    dk, dv = _call(functools.partial(_dkv_kernel, bq=plan.block_q, **kw), plan, d, False,
+    sub = min(plan.block_q, _DKV_TILE)
+    dk, dv = _call(functools.partial(_dkv_kernel, bq=plan.block_q, sub=sub, **kw), plan, d, False,
                    (qt, kt, vt, *_plan_inputs(plan, True), dot, lse, delta),
                    [("kv", jax.ShapeDtypeStruct(kt.shape, k.dtype)),
                     ("kv", jax.ShapeDtypeStruct(vt.shape, v.dtype))], interpret)

@@ -8,20 +8,21 @@ import pytest
 
 from attention.test_pallas import out_and_grads
 from attention.test_xla import random_layouts, rel_err
+from holocine_jax.attention import pallas_gpu
 from holocine_jax.attention.pallas_gpu import shot_attention_pallas_gpu
 from holocine_jax.attention.plan import make_plan
 from holocine_jax.attention.reference import shot_attention_reference
 from holocine_jax.shots import ShotLayout
 
 
-def compare(layout, heads, head_dim, block, *, weight=2.0, dtype=jnp.float32, interpret=True):
+def compare(layout, heads, head_dim, block, *, block_kv=None, weight=2.0, dtype=jnp.float32, interpret=True):
     """Max rel err of (out, dq, dk, dv) of the kernel vs the reference, sparse mode."""
     rng = np.random.default_rng(head_dim)
     shape = (layout.shot_starts.shape[0], layout.num_tokens, heads, head_dim)
     q, k, v, ct = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
     want = out_and_grads(lambda q, k, v: shot_attention_reference(
         q, k, v, layout, summary_self_weight=weight), q, k, v, ct)
-    plan = make_plan(layout, block_q=block, block_kv=block)
+    plan = make_plan(layout, block_q=block, block_kv=block_kv or block)
     got = out_and_grads(lambda q, k, v: shot_attention_pallas_gpu(
         q.astype(dtype), k.astype(dtype), v.astype(dtype), plan, summary_self_weight=weight,
         interpret=interpret), q, k, v, ct)
@@ -35,6 +36,16 @@ def test_wan_head_dims_in_the_interpreter(head_dim):
     film = ShotLayout.from_latent_cuts(6, [1, 4], latent_hw=(3, 4), max_shots=3)
     layout = film.broadcast_to_batch(1)
     errors = compare(layout, 1, head_dim, 32)
+    assert max(errors.values()) <= 2e-5, errors
+
+
+def test_dkv_tiles_smaller_than_the_blocks(monkeypatch):
+    """dK/dV programs own a part of a kv block and step through q blocks in slices: with tiles
+    of 16, kv blocks of 32 split in 2 and q blocks of 32 are read in 2 slices (192 tokens:
+    6 x 6 blocks, full and partial, lists that differ between kv blocks)."""
+    monkeypatch.setattr(pallas_gpu, "_DKV_TILE", 16)
+    film = ShotLayout.from_latent_cuts(16, [3, 7, 12], latent_hw=(3, 4), max_shots=4)
+    errors = compare(film.broadcast_to_batch(1), 1, 32, 32)
     assert max(errors.values()) <= 2e-5, errors
 
 

@@ -1,6 +1,8 @@
 """GPU (Triton) kernel specifics: Wan's head dims 64 and 128 in the interpreter vs the reference,
-clear errors for shapes Triton cannot take, and on a GPU backend the compiled kernel vs the
-reference (skipped elsewhere). The shared interpret sweep is in test_pallas.py."""
+dK/dV tiles smaller than the plan's blocks, clear errors for shapes Triton cannot take, the
+Triton IR compiled for sm_90 by pip `triton` + ptxas without register spills (skipped without
+the package), and on a GPU backend the compiled kernel vs the reference (skipped elsewhere).
+The shared interpret sweep is in test_pallas.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,57 @@ def test_compiled_kernel_on_a_gpu(dtype, tol):
     layout = ShotLayout.stack(random_layouts(rng, 2, frames=13, hw=(8, 10), max_shots=6))
     errors = compare(layout, 4, 128, 64, dtype=dtype, interpret=False)
     assert max(errors.values()) <= tol, errors
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_triton_compiles_for_sm90_without_register_spills(block, monkeypatch, tmp_path):
+    """The Triton IR of the three kernels (head dim 128, bf16) goes through pip `triton`'s
+    compiler and ptxas for sm_90a on this CPU host: no register spill stores, shared memory
+    within the H100's 227 KiB. Skipped without the `triton` package."""
+    import os
+    import re
+    import subprocess
+    import warnings
+
+    triton = pytest.importorskip("triton")
+    from jax._src.pallas.triton import pallas_call_registration as registration
+    from triton.backends.compiler import GPUTarget
+
+    from holocine_jax.shots import even_cuts
+    modules, lower = [], registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
+    film = ShotLayout.from_cuts(33, even_cuts(33, 3), latent_hw=(8, 16), max_shots=4)
+    plan = make_plan(film.broadcast_to_batch(1), block_q=block, block_kv=block)
+    x = jax.ShapeDtypeStruct((1, film.num_tokens, 4, 128), jnp.bfloat16)
+    loss = lambda *a: jnp.sum(shot_attention_pallas_gpu(*a, plan).astype(jnp.float32))
+    params, pallas_call = {}, pallas_gpu.pl.pallas_call
+
+    def record(kernel, *args, compiler_params, **kwargs):
+        params[kernel.func.__name__] = compiler_params
+        return pallas_call(kernel, *args, compiler_params=compiler_params, **kwargs)
+
+    monkeypatch.setattr(pallas_gpu.pl, "pallas_call", record)
+    jax.export.export(jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, x, x)
+    assert len(modules) == len(params) == 3
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas-blackwell")
+    for text in modules:
+        options = params[re.match(r"module @(\w+)", text).group(1)]
+        src = tmp_path / "kernel.ttir"
+        src.write_text(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kernel = triton.compile(str(src), target=GPUTarget("cuda", 90, 32), options=dict(
+                num_warps=options.num_warps, num_stages=options.num_stages))
+        (tmp_path / "kernel.ptx").write_text(kernel.asm["ptx"])
+        report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(tmp_path / "kernel.ptx"),
+                                 "-o", str(tmp_path / "kernel.cubin")], capture_output=True,
+                                text=True, check=True).stderr
+        assert re.findall(r"(\d+) bytes spill stores", report) == ["0"], report
+        assert kernel.metadata.shared <= 227 * 1024

@@ -7,8 +7,8 @@ blocks only (kv_index / kv_count of the plan), slicing K/V at dynamic offsets; o
 float32; returns the log-sum-exp for the backward. Masking: a partial block recomputes its mask
 from per-token shot ids and summary flags; a full block skips the mask (and the own-summary bias
 when it holds no summary key) through a branch. dQ runs the same row loop from the saved
-log-sum-exp; dK/dV one program per kv block loops over the transposed list (q_index / q_count).
-No [L, L] array exists. Triton needs power-of-two blocks and head dims >= 16; float32 inputs
+log-sum-exp; dK/dV: one program per tile of <= 64 keys of a kv block loops over the transposed
+list (q_index / q_count) in slices of <= 64 query rows. No [L, L] array exists. Triton needs power-of-two blocks and head dims >= 16; float32 inputs
 use TF32 matmuls on the GPU (jax's default precision there), the interpreter computes in f32.
 """
 from __future__ import annotations

@@ -56,7 +56,7 @@ def shot_attention(q, k, v, layout=None, *, mode="sparse", impl="auto",
     mode: sparse (HoloCine) | full (HoloCine-Full) | independent (shots do not see each other).
     summary_self_weight: log(w) bias on own-shot summary keys in sparse mode (2.0 = released
     checkpoints, 1.0 = clean mask). `interpret` is for the Pallas kernels only.
-    Blocks are clipped to L, so short sequences run as a single block pair.
+    Blocks are clipped to the power of two >= L, so short sequences run as one block pair.
     context_strategy: how a mesh with `context` > 1 splits the film (see module doc);
     context_halo_frames: shot_aware's static halo per side in latent frames (-1: whole film).
     """
@@ -86,8 +86,8 @@ def shot_attention(q, k, v, layout=None, *, mode="sparse", impl="auto",
     if impl == "reference":
         return shot_attention_reference(q, k, v, layout, mode=mode,
                                          summary_self_weight=summary_self_weight)
-    plan = make_plan(layout, mode=mode, block_q=min(block_q, length),
-                     block_kv=min(block_kv, length))
+    fit = lambda block: min(block, max(16, 1 << (length - 1).bit_length()))   # powers of 2 stay
+    plan = make_plan(layout, mode=mode, block_q=fit(block_q), block_kv=fit(block_kv))
     return attend_plan(q, k, v, plan, impl=impl, summary_self_weight=summary_self_weight,
                        interpret=interpret)
 

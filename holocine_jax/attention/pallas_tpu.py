@@ -67,8 +67,7 @@ def _steps(index, full, count, bound: int):
 # ----------------------------------------------------------------------------- kernels
 def block_logits(q, k, qs, ks, km, full, *, mode, log_w, scale):
     """Masked, biased f32 logits [bq, bk] of one block pair (q [bq, D], k [bk, D]; per-token
-    shot ids qs [bq, 1], ks [1, bk], summary flags km [1, bk]; `full` != 0 skips the mask).
-    Shared by the TPU and GPU kernels."""
+    shot ids qs [bq, 1], ks [1, bk], summary flags km [1, bk]; `full` != 0 skips the mask)."""
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=_F32) * scale
     if mode == "sparse" and log_w != 0.0:
         s = s + log_w * own_summary(qs, ks, km).astype(_F32)
@@ -76,13 +75,19 @@ def block_logits(q, k, qs, ks, km, full, *, mode, log_w, scale):
     return jnp.where(allowed, s, -jnp.inf)
 
 
-def _fwd_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
-                o_ref, lse_ref, m_sc, l_sc, acc_sc, *, bound, **kw):
+def _grid_step(steps_ref, total_ref, bound):
+    """(flags, valid, first of its row, last of its row) of this grid step."""
     b, t = pl.program_id(0), pl.program_id(2)
     flags = steps_ref[b * bound + t] & 7
     valid = t < total_ref[b]
+    return flags, valid, valid & (flags & 2 != 0), valid & (flags & 4 != 0)
 
-    @pl.when(valid & (flags & 2 != 0))
+
+def _fwd_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
+                o_ref, lse_ref, m_sc, l_sc, acc_sc, *, bound, **kw):
+    flags, valid, first, last = _grid_step(steps_ref, total_ref, bound)
+
+    @pl.when(first)
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, _F32)
         l_sc[...] = jnp.zeros(l_sc.shape, _F32)
@@ -103,7 +108,7 @@ def _fwd_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_re
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
         m_sc[...] = m_new
 
-    @pl.when(valid & (flags & 4 != 0))
+    @pl.when(last)
     def _finish():
         l = l_sc[...]
         seen = l > 0
@@ -113,11 +118,9 @@ def _fwd_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_re
 
 def _dq_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
                do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, bound, **kw):
-    b, t = pl.program_id(0), pl.program_id(2)
-    flags = steps_ref[b * bound + t] & 7
-    valid = t < total_ref[b]
+    flags, valid, first, last = _grid_step(steps_ref, total_ref, bound)
 
-    @pl.when(valid & (flags & 2 != 0))
+    @pl.when(first)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, _F32)
 
@@ -132,18 +135,16 @@ def _dq_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref
         dq_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                           preferred_element_type=_F32)
 
-    @pl.when(valid & (flags & 4 != 0))
+    @pl.when(last)
     def _finish():
         dq_ref[...] = (dq_sc[...] * kw["scale"]).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_ref,
                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, bound, **kw):
-    b, t = pl.program_id(0), pl.program_id(2)
-    flags = steps_ref[b * bound + t] & 7
-    valid = t < total_ref[b]
+    flags, valid, first, last = _grid_step(steps_ref, total_ref, bound)
 
-    @pl.when(valid & (flags & 2 != 0))
+    @pl.when(first)
     def _init():
         dk_sc[...] = jnp.zeros(dk_sc.shape, _F32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, _F32)
@@ -161,7 +162,7 @@ def _dkv_kernel(steps_ref, total_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, km_re
         dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                           preferred_element_type=_F32)
 
-    @pl.when(valid & (flags & 4 != 0))
+    @pl.when(last)
     def _finish():
         dk_ref[...] = (dk_sc[...] * kw["scale"]).astype(dk_ref.dtype)
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)

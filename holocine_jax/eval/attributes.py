@@ -5,8 +5,10 @@ states: the character's colour, pattern and shape, the room, the entry side, the
 the framing. Every decision is a nearest-palette vote (the world's colours are known, so pixels
 are classified with a tolerance that survives video coding and imperfect generations):
 
-- colour: the character colour with the most pixels; pattern: the share of its darker mark
-  colour (solid / dots / stripes / checks; stripes are constant along one diagonal);
+- colour: the character colour with the most pixels, a pixel counting for the colour whose shades
+  (t x rgb, t in [SHADE_MIN, 1]: body, and body blended with its darker marks by a low-pass
+  autoencoder) it is nearest to; pattern: the share of its darker mark colour (solid / dots /
+  stripes / checks; stripes are constant along one diagonal);
 - shape: the character's row-width profile (u = relative height) against the four outlines:
   square 1, circle sqrt(1 - (2u-1)^2), diamond 1 - |2u-1|, triangle u (apex up);
 - room: the room whose wall / wallpaper / floor colours cover the most pixels;
@@ -14,6 +16,11 @@ are classified with a tolerance that survives video coding and imperfect generat
   left); framing: close-up when the glass is taller than CLOSE_UP_GLASS of the frame or the
   character taller than CLOSE_UP_HEIGHT;
 - glass: no water -> empty; water that rises during the shot -> filling; else full.
+
+Pattern and shape are read only from frames where the character is resolved: at least RESOLVED of
+its pixels lie within CRISP_TOL of the body or mark colour. A low-pass autoencoder (the tiny
+config's DCT at 64x64) blends the marks into the body and the outline into the room; a reader that
+guessed there would turn blur into identity changes, so it abstains (None) instead.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ from holocine_jax.data.synthetic import COLOURS, PATTERNS, ROOMS, SHAPES
 from holocine_jax.data.synthetic_render import BOTTLE, GLASS_RIM, LIQUID, TABLE
 
 COLOUR_TOL, MARK_TOL, SCENE_TOL = 40.0, 22.0, 14.0
+SHADE_MIN = 0.7     # darkest shade of a character colour that still counts as that colour
+RESOLVED, CRISP_TOL = 0.8, 12.0  # share of the character's pixels within CRISP_TOL of body / mark
 CLOSE_UP_GLASS = 0.21    # glass height / frame height: wide <= 0.16, close-up >= 0.27
 CLOSE_UP_HEIGHT = 0.36   # character height / frame height: wide <= 0.30
 MIN_PIXELS = 6
@@ -32,6 +41,14 @@ def _near(frames, rgb, tol):
     """[..., H, W] pixels within `tol` (Euclidean RGB) of rgb."""
     d = frames.astype(np.float32) - np.asarray(rgb, np.float32)
     return np.einsum("...c,...c->...", d, d) <= tol * tol
+
+
+def _shade_distance(frames, rgb):
+    """[..., H, W] Euclidean distance of each pixel to the shades t * rgb, t in [SHADE_MIN, 1]."""
+    c = np.asarray(rgb, np.float32)
+    p = frames.astype(np.float32)
+    t = np.clip(np.einsum("...c,c->...", p, c) / (c @ c), SHADE_MIN, 1.0)
+    return np.linalg.norm(p - t[..., None] * c, axis=-1)
 
 
 def _bbox(mask):
@@ -101,7 +118,10 @@ def read_shot(frames: np.ndarray) -> dict:
         raise ValueError(f"frames must be uint8 [n, H, W, 3], got {frames.dtype} {frames.shape}")
     n, h, w, _ = frames.shape
     out = dict.fromkeys(("colour", "pattern", "shape", "room", "entry_side", "glass", "framing"))
-    counts = {name: _near(frames, rgb, COLOUR_TOL).sum() for name, rgb in COLOURS.items()}
+    shade = np.stack([_shade_distance(frames, rgb) for rgb in COLOURS.values()])  # [C, n, H, W]
+    nearest = shade.argmin(0)
+    shaded = {name: (nearest == i) & (shade[i] <= COLOUR_TOL) for i, name in enumerate(COLOURS)}
+    counts = {name: m.sum() for name, m in shaded.items()}
     room_votes = {name: sum(_near(frames, rgb, SCENE_TOL).sum() for rgb in _room_colours(r))
                   for name, r in ROOMS.items()}
     out["room"] = max(room_votes, key=room_votes.get) if max(room_votes.values()) else None
@@ -112,6 +132,7 @@ def read_shot(frames: np.ndarray) -> dict:
     rgb = np.asarray(COLOURS[colour], np.float32)
     body = _near(frames, rgb, COLOUR_TOL)
     mark = _near(frames, (rgb * 0.5).astype(np.uint8), MARK_TOL)
+    crisp = _near(frames, rgb, CRISP_TOL) | _near(frames, (rgb * 0.5).astype(np.uint8), CRISP_TOL)
     shape_votes, sides, heights, glasses, patterns, water, bottle = {}, [], [], [], [], [], 0
     for f in range(n):
         box = _bbox(body[f] | mark[f])
@@ -133,7 +154,8 @@ def read_shot(frames: np.ndarray) -> dict:
         if rim is not None:
             glasses.append((rim[1] - rim[0] + 1) / h)
         bottle += (_near(scene, BOTTLE, MARK_TOL) & ~inside).sum() >= MIN_PIXELS
-        if char.sum() < 4 * MIN_PIXELS:
+        resolved = (crisp[f] & inside).sum() >= RESOLVED * (char | shaded[colour][f] & inside).sum()
+        if char.sum() < 4 * MIN_PIXELS or not resolved:
             continue
         window = (slice(top, bottom + 1), slice(left, right + 1))
         patterns.append(_pattern(body[f][window] & ~mark[f][window], mark[f][window]))

@@ -4,7 +4,9 @@ Trains the tiny model on the synthetic world three times — attention `sparse` 
 `full` and `independent` (each shot alone: Wan run shot by shot) — on the same films, steps and
 seeds; samples held-out prompts with each; reads the films back with eval/attributes.py; prints
 the metrics per mode and the self-attention FLOPs per mode, and writes
-benchmarks/results/consistency.json.
+benchmarks/results/consistency.json. The `autoencoder` column reads the held-out ground truth
+after the autoencoder's round trip: the ceiling of what a generated film can score. The identity
+gap between modes comes with a 95% bootstrap interval over the held-out films.
 
     python benchmarks/consistency.py --steps 600 --train-films 96 --eval-films 16
 
@@ -27,7 +29,9 @@ from holocine_jax import prompts
 from holocine_jax.checkpoint import load_params
 from holocine_jax.config import load_config
 from holocine_jax.data import synthetic
+from holocine_jax.eval.attributes import read_film
 from holocine_jax.eval.job import score_films
+from holocine_jax.eval.metrics import world_attribute_values
 from holocine_jax.sample.run import FilmRequest, encode_texts, film_layout, generate, text_stack
 from holocine_jax.shots import ShotLayout
 from holocine_jax.train.loop import run_training
@@ -90,6 +94,25 @@ def encode_world(config, films, tokenizer, encoder, vae, chunk: int = 8):
     return np.concatenate(latents), np.concatenate(texts), layouts
 
 
+def identity_per_film(clips, held_out) -> list[list[float]]:
+    """Per held-out film, the 0/1 identity consistency of each scored shot (vs shot 1)."""
+    return [world_attribute_values(read_film(clip, spec.cut_frames), spec.shot_attributes())
+            ["identity_consistency"] for clip, (_, spec) in zip(clips, held_out)]
+
+
+def bootstrap_gap(a, b, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b) (pooled over scored shots), resampling films (paired)."""
+    rng = np.random.default_rng(seed)
+    gaps = []
+    for _ in range(draws):
+        idx = rng.integers(len(a), size=len(a))
+        pa = [v for i in idx for v in a[i]]
+        pb = [v for i in idx for v in b[i]]
+        if pa and pb:
+            gaps.append(np.mean(pa) - np.mean(pb))
+    return float(np.percentile(gaps, 2.5)), float(np.percentile(gaps, 97.5))
+
+
 def attention_flops(config, layouts, mode: str) -> float:
     """Self-attention matmul FLOPs per film (QK^T and PV over the allowed pairs, all layers)."""
     m = config.model
@@ -130,7 +153,14 @@ def main(argv=None):
     data = encode_world(config, train, tokenizer, encoder, vae)
     print(f"encoded {len(train)} training films in {time.perf_counter() - start:.1f}s")
     eval_layouts = [film_layout(config, f, tokenizer) for f, _ in held_out]
-    rows = {}
+    truths = [s.shot_attributes() for _, s in held_out]
+    # The ceiling: held-out ground truth through the autoencoder, read like a generated film.
+    v = config.video
+    video = np.stack([synthetic.render_film(s, height=v.height, width=v.width) for _, s in held_out])
+    recon = vae.decode(vae.encode(jnp.asarray(video, jnp.float32) / 127.5 - 1.0))
+    recon = np.asarray(jnp.round((recon + 1.0) * 127.5)).clip(0, 255).astype(np.uint8)
+    rows = {"autoencoder": score_films(config, list(recon), [f for f, _ in held_out], truths)}
+    identity = {"autoencoder": identity_per_film(recon, held_out)}
     for mode in args.modes.split(","):
         cfg = config.copy_and_resolve_references()
         cfg.attention.mode = mode
@@ -145,7 +175,8 @@ def main(argv=None):
         clips = [None] * len(films)
         for i, _, clip, _ in generate(cfg, [model], tokenizer, encoder, vae, films, progress=False):
             clips[i] = clip
-        metrics = score_films(cfg, clips, films, [s.shot_attributes() for _, s in held_out])
+        metrics = score_films(cfg, clips, films, truths)
+        identity[mode] = identity_per_film(clips, held_out)
         losses = {k: v["train/loss"] for k, v in read_metrics(summary["metrics_path"]).items()
                   if "train/loss" in v}
         rows[mode] = dict(metrics, steps=summary["step"], first_loss=losses[min(losses)],
@@ -153,11 +184,19 @@ def main(argv=None):
                           attention_gflops=attention_flops(cfg, eval_layouts, mode) / 1e9)
         print(f"{mode}: step {summary['step']}, loss {rows[mode]['loss']:.4f}, {train_s:.0f}s, "
               f"identity {metrics['identity_consistency']}")
-    names = SHOWN + ("attention_gflops", "loss")
+    for mode, films in identity.items():
+        rows[mode]["identity_scored_shots"] = sum(map(len, films))
+    names = SHOWN + ("identity_scored_shots", "attention_gflops", "loss")
     print("\n" + "metric".ljust(24) + "".join(m.rjust(13) for m in rows))
     for name in names:
-        cells = [rows[m][name] for m in rows]
+        cells = [rows[m].get(name) for m in rows]
         print(name.ljust(24) + "".join(("-" if c is None else f"{c:.3f}").rjust(13) for c in cells))
+    for mode in ("sparse", "full"):
+        if mode in identity and "independent" in identity:
+            lo, hi = bootstrap_gap(identity[mode], identity["independent"])
+            rows[mode]["identity_gap_vs_independent_95"] = [lo, hi]
+            print(f"identity consistency {mode} - independent: 95% interval [{lo:+.3f}, {hi:+.3f}] "
+                  f"(bootstrap over the {len(held_out)} held-out films)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(args=vars(args), overrides=overrides, results=rows), f, indent=2)

@@ -34,6 +34,7 @@ from holocine_jax.data import synthetic
 from holocine_jax.eval.attributes import read_film
 from holocine_jax.eval.job import score_films
 from holocine_jax.eval.metrics import world_attribute_values
+from holocine_jax.sample.output import to_uint8
 from holocine_jax.sample.run import FilmRequest, encode_texts, film_layout, generate, text_stack
 from holocine_jax.shots import ShotLayout
 from holocine_jax.train.loop import run_training
@@ -159,8 +160,7 @@ def main(argv=None):
     # The ceiling: held-out ground truth through the autoencoder, read like a generated film.
     v = config.video
     video = np.stack([synthetic.render_film(s, height=v.height, width=v.width) for _, s in held_out])
-    recon = vae.decode(vae.encode(jnp.asarray(video, jnp.float32) / 127.5 - 1.0))
-    recon = np.asarray(jnp.round((recon + 1.0) * 127.5)).clip(0, 255).astype(np.uint8)
+    recon = to_uint8(vae.decode(vae.encode(jnp.asarray(video, jnp.float32) / 127.5 - 1.0)))
     rows = {"autoencoder": score_films(config, list(recon), [f for f, _ in held_out], truths)}
     identity = {"autoencoder": identity_per_film(recon, held_out)}
     for mode in args.modes.split(","):

@@ -130,9 +130,9 @@ def read_shot(frames: np.ndarray) -> dict:
         return out
     out["colour"] = colour
     rgb = np.asarray(COLOURS[colour], np.float32)
-    body = _near(frames, rgb, COLOUR_TOL)
-    mark = _near(frames, (rgb * 0.5).astype(np.uint8), MARK_TOL)
-    crisp = _near(frames, rgb, CRISP_TOL) | _near(frames, (rgb * 0.5).astype(np.uint8), CRISP_TOL)
+    mark_rgb = (rgb * 0.5).astype(np.uint8)
+    body, mark = _near(frames, rgb, COLOUR_TOL), _near(frames, mark_rgb, MARK_TOL)
+    crisp = _near(frames, rgb, CRISP_TOL) | _near(frames, mark_rgb, CRISP_TOL)
     shape_votes, sides, heights, glasses, patterns, water, bottle = {}, [], [], [], [], [], 0
     for f in range(n):
         box = _bbox(body[f] | mark[f])
@@ -154,7 +154,8 @@ def read_shot(frames: np.ndarray) -> dict:
         if rim is not None:
             glasses.append((rim[1] - rim[0] + 1) / h)
         bottle += (_near(scene, BOTTLE, MARK_TOL) & ~inside).sum() >= MIN_PIXELS
-        resolved = (crisp[f] & inside).sum() >= RESOLVED * (char | shaded[colour][f] & inside).sum()
+        blurred = shaded[colour][f] & inside
+        resolved = (crisp[f] & inside).sum() >= RESOLVED * (char | blurred).sum()
         if char.sum() < 4 * MIN_PIXELS or not resolved:
             continue
         window = (slice(top, bottom + 1), slice(left, right + 1))

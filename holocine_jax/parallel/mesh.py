@@ -14,6 +14,7 @@ the same model code runs unsharded on one device.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -57,9 +58,14 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
         ici = (shape[0] // len(slices),) + shape[1:]
         grid = mesh_utils.create_hybrid_device_mesh(ici, (len(slices), 1, 1, 1), devices)
     else:
-        try:
+        try:  # the physical torus order (ICI neighbours on the inner axes)
             grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-        except (ValueError, NotImplementedError, AssertionError):
+        except (NotImplementedError, AssertionError) as e:
+            # mesh_utils asserts on device subsets that are not a cuboid of chips ("hole") or
+            # several cores per chip; such a mesh still works, in the given device order.
+            logging.getLogger(__name__).warning(
+                "mesh %s: no topology-aware layout for these devices (%s); using their order",
+                shape, str(e).splitlines()[0])
             grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 

@@ -57,14 +57,15 @@ def test_reader_through_the_tiny_autoencoder_reads_colour_and_abstains_on_blur()
     import jax.numpy as jnp
     from holocine_jax.config import load_config
     from holocine_jax.eval.metrics import world_attribute_values
+    from holocine_jax.sample.output import to_uint8
     from holocine_jax.vae import make_vae
 
     vae = make_vae(load_config("tiny"))
     same, wrong, read, total = [], collections.Counter(), collections.Counter(), 0
     for seed in range(16):
         frames, spec = syn.make_film(seed, height=64, width=64, num_frames=33, shot_range=(2, 4))
-        z = vae.decode(vae.encode(jnp.asarray(frames[None], jnp.float32) / 127.5 - 1.0))[0]
-        video = np.asarray(jnp.round((z + 1.0) * 127.5)).clip(0, 255).astype(np.uint8)
+        z = vae.encode(jnp.asarray(frames[None], jnp.float32) / 127.5 - 1.0)
+        video = to_uint8(vae.decode(z)[0])
         shots = read_film(video, spec.cut_frames)
         total += len(shots)
         same += world_attribute_values(shots, spec.shot_attributes())["identity_consistency"]

@@ -2,7 +2,7 @@
 
 Trains the tiny model on the synthetic world three times — attention `sparse` (HoloCine),
 `full` and `independent` (each shot alone: Wan run shot by shot) — on the same films, steps and
-seeds; samples held-out prompts with each; reads the films back with eval/attributes.py; prints
+seeds; samples held-out prompts with each; reads the films back with world/reader.py; prints
 the metrics per mode and the self-attention FLOPs per mode, and writes
 benchmarks/results/consistency.json. The `autoencoder` column reads the held-out ground truth
 after the autoencoder's round trip: the ceiling of what a generated film can score. The identity
@@ -27,11 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from holocine_jax import prompts
+from holocine_jax import prompts, world
 from holocine_jax.checkpoint import load_params
 from holocine_jax.config import load_config
-from holocine_jax.data import synthetic
-from holocine_jax.eval.attributes import read_film
 from holocine_jax.eval.job import score_films
 from holocine_jax.eval.metrics import world_attribute_values
 from holocine_jax.sample.output import to_uint8
@@ -72,10 +70,10 @@ class WorldBatches:
 
 def world_films(config, seeds):
     """(FilmRequest, spec) per seed: the film's prompt and cuts, shots capped by max_shots."""
-    hi = min(synthetic.MAX_SHOTS, config.shots.max_shots)
+    hi = min(world.MAX_SHOTS, config.shots.max_shots)
     out = []
     for seed in seeds:
-        spec = synthetic.sample_film(seed, num_frames=config.video.num_frames, shot_range=(2, hi))
+        spec = world.sample_film(seed, num_frames=config.video.num_frames, shot_range=(2, hi))
         prompt = prompts.build_prompt(spec.global_caption, spec.shot_captions)
         out.append((FilmRequest(prompt, spec.cut_frames, config.video.num_frames, seed), spec))
     return out
@@ -88,7 +86,7 @@ def encode_world(config, films, tokenizer, encoder, vae, chunk: int = 8):
     encode = jax.jit(vae.encode)
     for start in range(0, len(films), chunk):
         part = films[start:start + chunk]
-        video = np.stack([synthetic.render_film(s, height=v.height, width=v.width) for _, s in part])
+        video = np.stack([world.render_film(s, height=v.height, width=v.width) for _, s in part])
         z = normalize_latents(encode(jnp.asarray(video, jnp.float32) / 127.5 - 1.0), config)
         latents.append(np.asarray(z))
         texts.append(np.asarray(encode_texts(tokenizer, encoder, [f.prompt for f, _ in part],
@@ -99,7 +97,7 @@ def encode_world(config, films, tokenizer, encoder, vae, chunk: int = 8):
 
 def identity_per_film(clips, held_out) -> list[list[float]]:
     """Per held-out film, the 0/1 identity consistency of each scored shot (vs shot 1)."""
-    return [world_attribute_values(read_film(clip, spec.cut_frames), spec.shot_attributes())
+    return [world_attribute_values(world.read_film(clip, spec.cut_frames), spec.shot_attributes())
             ["identity_consistency"] for clip, (_, spec) in zip(clips, held_out)]
 
 
@@ -159,7 +157,7 @@ def main(argv=None):
     truths = [s.shot_attributes() for _, s in held_out]
     # The ceiling: held-out ground truth through the autoencoder, read like a generated film.
     v = config.video
-    video = np.stack([synthetic.render_film(s, height=v.height, width=v.width) for _, s in held_out])
+    video = np.stack([world.render_film(s, height=v.height, width=v.width) for _, s in held_out])
     recon = to_uint8(vae.decode(vae.encode(jnp.asarray(video, jnp.float32) / 127.5 - 1.0)))
     rows = {"autoencoder": score_films(config, list(recon), [f for f, _ in held_out], truths)}
     identity = {"autoencoder": identity_per_film(recon, held_out)}

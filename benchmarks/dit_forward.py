@@ -36,7 +36,7 @@ def build(case):
     config = load_config("tiny", ["--config.model.dtype=float32"])
     config.model.update(fields)
     m = config.model
-    model = WanDiT(config, rngs=nnx.Rngs(0))
+    model = WanDiT.from_config(config, rngs=nnx.Rngs(0))
     torch.manual_seed(0)
     ref = WanTransformer3DModel(
         patch_size=tuple(m.patch_size), num_attention_heads=m.num_heads, attention_head_dim=m.dim // m.num_heads,

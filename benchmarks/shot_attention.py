@@ -153,7 +153,7 @@ def tpu_aot_rows():
         return []
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from holocine_jax.attention.pallas_tpu import shot_attention_pallas_tpu
-    from holocine_jax.parallel.compile import topology_devices
+    from holocine_jax.compile import topology_devices
 
     film = ShotLayout.from_cuts(241, even_cuts(241, 5), latent_hw=(30, 52), max_shots=5)
     layout = film.broadcast_to_batch(1)

@@ -24,6 +24,8 @@ import torch
 from flax import nnx
 
 from dit_forward import CASES, build
+from holocine_jax.checkpoint import run_config
+from holocine_jax.config import load_config
 from holocine_jax.train.state import init_train_state, split_model
 from holocine_jax.train.step import make_train_step
 
@@ -76,7 +78,7 @@ def run_case(case, steps):
     model, ref, (latents, _, text), tokens = build(case)
     b = BATCH[case]
     latents, text = np.repeat(latents, b, axis=0), np.repeat(text, b, axis=0)
-    config = model.config.as_configdict()
+    config = run_config(model, load_config("tiny"))   # the benchmark case's model section
     config.train.update(warmup_steps=0, ema_decay=0.0, grad_accum=1)
     js = jax_step(model, config, dict(latents=jnp.asarray(latents), text_states=jnp.asarray(text)))
     ts = torch_step(ref, config, latents, text)

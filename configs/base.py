@@ -5,6 +5,8 @@ Sources: diffusers `WanTransformer3DModel` configs and the official Wan2.1/2.2 r
 """
 import ml_collections
 
+from holocine_jax.attention.spec import AttentionSpec
+
 # DiT sizes: dim / ffn_dim / heads / layers / latent channels. Head dim is 128 everywhere.
 WAN_MODELS = {
     "tiny": dict(dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_channels=16, text_dim=32),
@@ -102,17 +104,11 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         kind="wan",               # wan (the real VAE from `path`) | dct (tiny analytic autoencoder)
         path="",                  # diffusers AutoencoderKLWan folder, or official safetensors file
         version=vae, **WAN_VAES[vae], **WAN_VAE_LATENTS[vae]))
-    c.attention = ml_collections.ConfigDict(dict(
-        mode="sparse",            # sparse (HoloCine) | full (HoloCine-Full) | independent
-        impl="auto",              # auto | reference | xla | pallas
-        summary_self_weight=2.0,  # 2.0 reproduces the released checkpoints, 1.0 the clean mask
-        block_q=128,
-        block_kv=128,
-        context_strategy="ulysses",  # mesh.context > 1: ulysses (all-to-all heads) | shot_aware
-                                     # | auto (whichever moves fewer bytes for the halo below)
-        context_halo_frames=-1,      # shot_aware: latent frames a shot may overhang a device
-                                     # slice (the data's max; checked per batch); -1: whole film
-    ))
+    # Self-attention (holocine_jax/attention/spec.py documents each key and holds its default):
+    # mode sparse | full | independent, impl auto | reference | xla | pallas,
+    # summary_self_weight (2.0 = the released checkpoints), block_q / block_kv,
+    # context_strategy ulysses | shot_aware | auto, context_halo_frames (-1: the whole film).
+    c.attention = ml_collections.ConfigDict(AttentionSpec.config_fields())
     c.shots = ml_collections.ConfigDict(dict(max_shots=13, summary_frames=1))
     c.video = ml_collections.ConfigDict(dict(
         num_frames=sampling["num_frames"], height=sampling["height"], width=sampling["width"],

@@ -24,7 +24,7 @@ def cmd_import(args, overrides) -> str:
     config = load_config(args.config, overrides)
     load = load_diffusers if args.format == "diffusers" else load_official
     model = load(args.src, config, expert=args.expert)  # validates every tensor before writing
-    save_params(model, args.out)
+    save_params(model, args.out, config)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return f"imported {args.format} weights from {args.src} ({n / 1e6:.1f}M parameters) into {args.out}"
 
@@ -56,8 +56,8 @@ def cmd_demo(args, overrides) -> str:
 
 
 def cmd_train(args, overrides) -> str:
-    from holocine_jax.demo import train
     from holocine_jax.text import load_text_stack
+    from holocine_jax.train.run import train_on_dataset
     from holocine_jax.vae import make_vae
 
     config = load_config(args.config, overrides)
@@ -65,7 +65,8 @@ def cmd_train(args, overrides) -> str:
     if not data_dir:
         raise SystemExit("train: give the dataset with --data DIR or --config.data.path=DIR")
     tokenizer, encoder = load_text_stack(config)
-    s = train(config, data_dir, args.workdir, tokenizer, encoder, make_vae(config))
+    s = train_on_dataset(config, data_dir, args.workdir, tokenizer=tokenizer, text_encoder=encoder,
+                         vae=make_vae(config))
     return (f"trained steps {s['start_step']} -> {s['step']} (loss {s['loss']:.4f}, skipped "
             f"{s['skipped']}{', preempted' if s['preempted'] else ''}); checkpoints in "
             f"{s['checkpoint_dir']}, metrics in {s['metrics_path']}")
@@ -128,7 +129,7 @@ def cmd_data(args, overrides) -> str:
 
 
 def cmd_compile(args, overrides) -> str:
-    from holocine_jax.parallel.compile import compile_report, format_report, over_budget
+    from holocine_jax.compile import compile_report, format_report, over_budget
 
     config = load_config(args.config, overrides)
     programs = tuple(p for p in args.programs.split(",") if p)

@@ -1,7 +1,9 @@
-"""Load a config by name or path and apply `--config.key=value` overrides.
+"""Load a config by name or path and apply `--config.key=value` overrides. The one module that
+reaches the top-level `configs/` package (by name, through importlib).
 
     load_config("tiny", ["--config.model.num_layers=4"])
     load_config("configs/wan22_t2v_a14b.py")
+    wan_vae_arch("2.1")   # a row of configs/base.py's Wan VAE table
 """
 from __future__ import annotations
 
@@ -32,6 +34,14 @@ def load_config(name_or_path: str, overrides=()) -> ml_collections.ConfigDict:
     for item in overrides:
         apply_override(config, item)
     return config
+
+
+def wan_vae_arch(version: str) -> dict:
+    """The Wan VAE architecture row of `configs/base.py`'s WAN_VAES ("2.1" or "2.2")."""
+    tables = importlib.import_module("configs.base").WAN_VAES
+    if version not in tables:
+        raise ValueError(f"unknown Wan VAE version {version!r}; known: {sorted(tables)}")
+    return tables[version]
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:

@@ -3,7 +3,7 @@
     summary = run_demo(load_config("tiny"), "/tmp/holocine-demo")
 
 1. writes a synthetic multi-shot dataset (TFDS / ArrayRecord) into `workdir/data`;
-2. trains the tiny Wan DiT on it through the Grain pipeline (`workdir/train`: orbax
+2. trains the tiny Wan DiT on it as `holocine-jax train` does (`workdir/train`: orbax
    checkpoints, TensorBoard + metrics.jsonl), with the tiny text encoder and DCT autoencoder;
 3. samples one held-out multi-shot film (`workdir/film`: film.mp4, contact_sheet.png, film.json);
 4. evaluates it against the world's ground truth (`workdir/film/metrics.json`).
@@ -25,11 +25,11 @@ HELD_OUT_SEED = 1_000_000  # film seeds from here on are never in the demo's tra
 def held_out_film(config, seed: int = HELD_OUT_SEED):
     """(FilmRequest, FilmSpec) of a synthetic film with the most shots the config allows."""
     from holocine_jax import prompts
-    from holocine_jax.data import synthetic
+    from holocine_jax import world
     from holocine_jax.sample.run import FilmRequest
 
-    shots = min(synthetic.MAX_SHOTS, config.shots.max_shots)
-    spec = synthetic.sample_film(seed, num_frames=config.video.num_frames, shot_range=(shots, shots))
+    shots = min(world.MAX_SHOTS, config.shots.max_shots)
+    spec = world.sample_film(seed, num_frames=config.video.num_frames, shot_range=(shots, shots))
     prompt = prompts.build_prompt(spec.global_caption, spec.shot_captions)
     return FilmRequest(prompt, tuple(spec.cut_frames), config.video.num_frames, seed), spec
 
@@ -42,19 +42,6 @@ def build_data(config, data_dir: str, num_films: int) -> str:
         shutil.rmtree(data_dir, ignore_errors=True)
         write_synthetic_dataset(data_dir, num_films, config.seed, config)
     return data_dir
-
-
-def train(config, data_dir: str, workdir: str, tokenizer, encoder, vae) -> dict:
-    """Train (or resume) on the dataset through the Grain pipeline: from its `data encode`
-    cache (latents + text states) when it has a complete one, else from its clips."""
-    from holocine_jax.data.encode import INFO, cache_dir
-    from holocine_jax.data.pipeline import make_pipeline
-    from holocine_jax.train.loop import run_training
-
-    cached = os.path.exists(os.path.join(cache_dir(data_dir), INFO))
-    batches = make_pipeline(data_dir, config, batch_size=config.train.batch_size,
-                            seed=config.data.shuffle_seed, tokenizer=tokenizer, cached=cached)
-    return run_training(config, workdir, batches=batches, vae=vae, text_encoder=encoder)
 
 
 def sample_and_score(config, checkpoint: str, out_dir: str) -> dict:
@@ -80,13 +67,15 @@ def run_demo(config, workdir: str, *, num_films: int = 64) -> dict:
     """Data -> training -> one sampled film -> metrics, all under `workdir`. Returns paths,
     the training summary and the film's metrics."""
     from holocine_jax.text import load_text_stack
+    from holocine_jax.train.run import train_on_dataset
     from holocine_jax.vae import make_vae
 
     os.makedirs(workdir, exist_ok=True)
     data_dir = build_data(config, os.path.join(workdir, "data"), num_films)
     tokenizer, encoder = load_text_stack(config)
     vae = make_vae(config)
-    summary = train(config, data_dir, os.path.join(workdir, "train"), tokenizer, encoder, vae)
+    summary = train_on_dataset(config, data_dir, os.path.join(workdir, "train"),
+                               tokenizer=tokenizer, text_encoder=encoder, vae=vae)
     film = sample_and_score(config, summary["checkpoint_dir"], os.path.join(workdir, "film"))
     result = dict(data=data_dir, train=summary, **film)
     with open(os.path.join(workdir, "demo.json"), "w") as f:

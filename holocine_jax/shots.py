@@ -12,6 +12,10 @@ Conventions used by every predicate here:
 - a token shot id of -1 marks a padding token (block padding in attention): it allows nothing;
 - text windows are half-open token ranges [start, end); row 0 is the global window, row k+1 the
   window of shot k; every token t >= text_pad_start is visible to every video token.
+
+A run config's geometry is read here and nowhere else: `latent_shape(config)` (the latents) and
+`ShotLayout.for_config(config, cuts)` (its token grid, max_shots, summary_frames). The config is
+duck-typed: this module imports no other holocine_jax module.
 """
 from __future__ import annotations
 
@@ -49,12 +53,37 @@ def snap_4t_plus_1(n: int) -> int:
 
 def even_cuts(num_frames: int, num_shots: int) -> list[int]:
     """Evenly spaced pixel-frame cuts (4t+1) for `num_shots` shots, the official default rule."""
+    if num_shots < 1:
+        raise ValueError(f"num_shots={num_shots} must be at least 1")
     step = num_frames / num_shots
     cuts = sorted({snap_4t_plus_1(round(i * step)) for i in range(1, num_shots)})
     cuts = [c for c in cuts if 0 < c < num_frames]
     if len(cuts) != num_shots - 1:
         raise ValueError(f"{num_frames} frames are too few for {num_shots} evenly spaced shots")
     return cuts
+
+
+def shot_bounds(num_frames: int, cut_frames) -> list[tuple[int, int]]:
+    """[(start, end)] pixel frames per shot for cuts (first frames of shots 2..K)."""
+    edges = [0, *[int(c) for c in cut_frames], int(num_frames)]
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"cut frames {list(cut_frames)} are not increasing inside "
+                         f"[1, {num_frames - 1}]")
+    return list(zip(edges, edges[1:]))
+
+
+# ----------------------------------------------------------------------------- a config's grid
+def latent_shape(config, batch: int = 1, *, num_frames: int | None = None) -> tuple[int, ...]:
+    """[B, F, h, w, z] latents of a `num_frames` film (None: config.video.num_frames) under a
+    run config: F = latent_num_frames, (h, w) = config.video size / config.vae.stride,
+    z = config.model.in_channels. `config` is duck-typed (any object with those fields)."""
+    v, (_, sh, sw) = config.video, config.vae.stride
+    if v.height % sh or v.width % sw:
+        raise ValueError(f"video size {v.height}x{v.width} is not divisible by the VAE stride "
+                         f"{(sh, sw)}")
+    frames = v.num_frames if num_frames is None else num_frames
+    return (batch, latent_num_frames(frames), v.height // sh, v.width // sw,
+            config.model.in_channels)
 
 
 # ----------------------------------------------------------------------------- predicates
@@ -167,6 +196,21 @@ class ShotLayout:
                                     latent_hw=latent_hw, max_shots=max_shots,
                                     text_windows=text_windows, text_pad_start=text_pad_start,
                                     summary_frames=summary_frames)
+
+    @classmethod
+    def for_config(cls, config, cut_frames, *, num_frames=None, text_windows=None,
+                   text_pad_start=None):
+        """The layout of a film under a run config: pixel-frame `cut_frames` of a `num_frames`
+        film (None: config.video.num_frames) on the token grid of `latent_shape` patchified by
+        config.model.patch_size, with config.shots.{max_shots, summary_frames}; see `from_cuts`.
+        """
+        frames = config.video.num_frames if num_frames is None else num_frames
+        _, _, h, w, _ = latent_shape(config, num_frames=frames)
+        _, ph, pw = config.model.patch_size
+        return cls.from_cuts(frames, cut_frames, latent_hw=(h // ph, w // pw),
+                             max_shots=config.shots.max_shots, text_windows=text_windows,
+                             text_pad_start=text_pad_start,
+                             summary_frames=config.shots.summary_frames)
 
     @staticmethod
     def stack(layouts):

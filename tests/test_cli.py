@@ -1,4 +1,5 @@
-"""The command line end to end: demo, import -> export round trip, bad input writes nothing."""
+"""The command line end to end: demo (then train resuming it), import -> export round trip, bad
+input writes nothing."""
 import json
 import os
 
@@ -32,6 +33,9 @@ def test_demo_builds_data_trains_samples_and_scores(tmp_path, capsys):
     # A second run of the same workdir resumes: data kept, training already at its last step.
     main(["demo", "--workdir", str(tmp_path), *small])
     assert json.load(open(tmp_path / "demo.json"))["train"]["start_step"] == 4
+    # `train` runs the same training on the demo's dataset: resumed at the last step, nothing to do.
+    main(["train", "--workdir", str(tmp_path / "train"), "--data", str(tmp_path / "data"), *small[2:]])
+    assert "trained steps 4 -> 4" in capsys.readouterr().out
 
 
 def test_import_then_export_round_trips(tmp_path, capsys):

@@ -1,11 +1,17 @@
 """ShotLayout: construction, validation, derived geometry against hand-written expectations."""
+import ast
+import pathlib
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from holocine_jax.shots import (ShotLayout, even_cuts, latent_num_frames, latent_to_pixel_cut,
-                                pixel_to_latent_cut, snap_4t_plus_1)
+from holocine_jax import shots
+from holocine_jax.shots import (ShotLayout, even_cuts, latent_num_frames, latent_shape,
+                                latent_to_pixel_cut, pixel_to_latent_cut, shot_bounds,
+                                snap_4t_plus_1)
 
 
 def test_frame_arithmetic_follows_the_4t_plus_1_rules():
@@ -154,3 +160,63 @@ def test_num_allowed_pairs_counts_the_dense_mask(summary_frames):
                                              summary_frames=summary_frames)
         for mode in ("sparse", "full", "independent"):
             assert layout.num_allowed_pairs(mode) == int(np.asarray(layout.self_attention_mask(mode)).sum())
+
+
+def test_even_cuts_need_a_shot():
+    assert even_cuts(81, 1) == []
+    with pytest.raises(ValueError, match="num_shots=0"):
+        even_cuts(81, 0)
+
+
+def test_shot_bounds_in_pixel_frames():
+    assert shot_bounds(41, [13, 29]) == [(0, 13), (13, 29), (29, 41)]
+    assert shot_bounds(41, []) == [(0, 41)]
+    with pytest.raises(ValueError, match=r"cut frames \[29, 13\] are not increasing"):
+        shot_bounds(41, [29, 13])
+    with pytest.raises(ValueError, match="not increasing inside"):
+        shot_bounds(41, [41])
+
+
+def run_config(height=480, width=832, num_frames=241, patch_size=(1, 2, 2), summary_frames=1):
+    """A duck-typed run config with only the fields shots.py reads (no configs/ import)."""
+    ns = types.SimpleNamespace
+    return ns(video=ns(num_frames=num_frames, height=height, width=width),
+              vae=ns(stride=(4, 8, 8)), model=ns(patch_size=patch_size, in_channels=16),
+              shots=ns(max_shots=13, summary_frames=summary_frames))
+
+
+def test_a_configs_latents_and_token_grid_follow_the_holocine_numbers():
+    # 480x832, 241 frames -> 61 latent frames of 60x104 latents = 30x52 = 1560 tokens (§3).
+    config = run_config()
+    assert latent_shape(config, 2) == (2, 61, 60, 104, 16)
+    assert latent_shape(config, num_frames=81) == (1, 21, 60, 104, 16)
+    layout = ShotLayout.for_config(config, [37, 121])
+    assert layout.static_maxima == (61, 1560, 13, 1)
+    assert layout.latent_cuts() == [10, 31]
+    assert ShotLayout.for_config(config, [], num_frames=81).num_latent_frames == 21
+    # the patch size and the summary frames are read from the config
+    assert ShotLayout.for_config(run_config(patch_size=(1, 1, 1)), []).tokens_per_frame == 60 * 104
+    assert ShotLayout.for_config(run_config(summary_frames=2), [37]).summary_frames == 2
+    with pytest.raises(ValueError, match="484x832 is not divisible by the VAE stride"):
+        latent_shape(run_config(height=484))
+    with pytest.raises(ValueError, match="num_frames=240"):
+        ShotLayout.for_config(config, [], num_frames=240)
+
+
+def test_for_config_is_from_cuts_on_the_configs_grid():
+    windows, pad = [[0, 5], [5, 9], [9, 14]], 14
+    got = ShotLayout.for_config(run_config(), [97], text_windows=windows, text_pad_start=pad)
+    want = ShotLayout.from_cuts(241, [97], latent_hw=(30, 52), max_shots=13,
+                                text_windows=windows, text_pad_start=pad)
+    assert got.static_maxima == want.static_maxima
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="14 shots exceed max_shots=13"):
+        ShotLayout.for_config(run_config(), even_cuts(241, 14))
+
+
+def test_shots_imports_no_other_holocine_module():
+    tree = ast.parse(pathlib.Path(shots.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.split(".")[0] in ("holocine_jax", "configs")], names

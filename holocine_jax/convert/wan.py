@@ -15,11 +15,11 @@ import os
 
 from flax import nnx
 
-from holocine_jax.checkpoint import atomic_directory
 from holocine_jax.config import CONFIG_NAMES, load_config
 from holocine_jax.convert import names as N
 from holocine_jax.convert.layout import check_tensors, fill_params, tensor_producer, torch_layout
 from holocine_jax.convert.safetensors_io import SafetensorsReader, write_sharded
+from holocine_jax.files import atomic_directory
 from holocine_jax.model import WanDiT
 
 SUBFOLDERS = {"diffusers": {"high": "transformer", "low": "transformer_2"},
@@ -109,7 +109,7 @@ def _load(path: str, fmt: str, config, expert, rngs_seed: int = 0) -> WanDiT:
     raw = _read_config_json(path, path)
     arch = arch_from_diffusers(raw, path) if fmt == "diffusers" else arch_from_official(raw, path)
     config = config_for(arch, config)
-    abstract = nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(rngs_seed)))
+    abstract = nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(rngs_seed)))
     layout = torch_layout(abstract)
     reader = SafetensorsReader(path)
     shapes = reader.shapes()
@@ -155,12 +155,12 @@ def save_diffusers(model: WanDiT, path: str, *, expert: str | None = None, dtype
     A14B experts go to `path/transformer` (high) and `path/transformer_2` (low).
     """
     out = os.path.join(path, SUBFOLDERS["diffusers"][expert]) if expert else path
-    return _save(model, diffusers_config(model.config.model), out, lambda n: n, dtype, max_shard_bytes)
+    return _save(model, diffusers_config(model.config), out, lambda n: n, dtype, max_shard_bytes)
 
 
 def save_official(model: WanDiT, path: str, *, expert: str | None = None, dtype=None,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
     """Write the official Wan layout (`blocks.0.self_attn.q.weight`, ...) with its config.json."""
     out = os.path.join(path, SUBFOLDERS["official"][expert]) if expert else path
-    return _save(model, official_config(model.config.model), out, N.diffusers_to_official, dtype,
+    return _save(model, official_config(model.config), out, N.diffusers_to_official, dtype,
                  max_shard_bytes)

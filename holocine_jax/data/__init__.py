@@ -1,1 +1,2 @@
-"""Data: the synthetic multi-shot world, video I/O, manifests and datasets, the Grain pipeline."""
+"""Data: video I/O, manifests and TFDS datasets (of user clips or the synthetic world's films),
+the latent/text cache, the Grain pipeline."""

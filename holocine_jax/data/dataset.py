@@ -20,6 +20,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from holocine_jax import world
 from holocine_jax.data.manifest import ManifestError, clip_cuts, read_manifest
 from holocine_jax.data.video import VideoError, probe_video, read_video, write_video
 
@@ -136,16 +137,14 @@ def write_synthetic_dataset(out_dir: str, num_films: int, seed: int, config, *,
     """Render `num_films` films of the synthetic world as mp4 + manifest.jsonl in out_dir and
     build them like any manifest (attributes = the FilmSpec as JSON). Film i uses seed
     seed * 1_000_000 + i; shots per film in [2, min(5, config.shots.max_shots)]."""
-    from holocine_jax.data import synthetic
-
     v = config.video
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     manifest = os.path.join(out_dir, "manifest.jsonl")
-    hi = min(synthetic.MAX_SHOTS, config.shots.max_shots)
+    hi = min(world.MAX_SHOTS, config.shots.max_shots)
     with open(manifest, "w") as f:
         for i in range(num_films):
-            frames, spec = synthetic.make_film(seed * 1_000_000 + i, height=v.height, width=v.width,
-                                               num_frames=v.num_frames, shot_range=(2, hi))
+            frames, spec = world.make_film(seed * 1_000_000 + i, height=v.height, width=v.width,
+                                           num_frames=v.num_frames, shot_range=(2, hi))
             name = f"videos/film_{i:06d}.mp4"
             write_video(os.path.join(out_dir, name), frames, fps=v.fps)
             shots = [dict(caption=s.caption, start=s.start) for s in spec.shots]

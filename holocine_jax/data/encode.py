@@ -30,6 +30,7 @@ from flax import serialization
 
 from holocine_jax import prompts
 from holocine_jax.data.dataset import decode_text, load_data_source
+from holocine_jax.files import atomic_file
 
 CACHE_DIR = "encoded"
 INFO = "info.json"
@@ -122,7 +123,8 @@ def encode_dataset(data_dir: str, config, *, vae=None, text_encoder=None, tokeni
     if os.path.exists(info_path):
         _check_info(info_path, info)
     elif process_index == 0:
-        _atomic_write(info_path, lambda tmp: _write_json(tmp, info))
+        with atomic_file(info_path) as tmp:
+            _write_json(tmp, info)
     ranges = [(a, min(a + records_per_file, len(source))) for a in range(0, len(source), records_per_file)]
     mine = ranges[process_index::process_count]
     total = sum(end - first for first, end in mine)
@@ -139,7 +141,8 @@ def encode_dataset(data_dir: str, config, *, vae=None, text_encoder=None, tokeni
             idx = range(a, min(a + batch_size, end))
             records += _encode_batch([decode_text(source[i]) for i in idx], idx, config, vae,
                                      text_encoder, tokenizer)
-        _atomic_write(path, lambda tmp: _write_records(tmp, records))
+        with atomic_file(path) as tmp:  # readers never see a partial file
+            _write_records(tmp, records)
         written += 1
         encoded += end - first
         if progress:
@@ -159,13 +162,6 @@ def _write_records(path: str, records: list[dict]) -> None:
     for r in records:
         writer.write(serialization.msgpack_serialize(r))
     writer.close()
-
-
-def _atomic_write(path: str, write) -> None:
-    """`write(tmp_path)`, then rename onto `path` (readers never see a partial file)."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class CachedSource:

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
+from holocine_jax.shots import snap_4t_plus_1
+
 MANIFEST_REASONS = ("invalid_json", "bad_schema", "caption_count_mismatch", "bad_cuts",
                     "cuts_out_of_range", "too_many_shots")
 
@@ -127,7 +129,7 @@ def clip_cuts(record: FilmRecord, source_frames: int, src_fps: float, fps: float
     snapped = []
     for c in record.cut_frames:
         k = int(np.ceil(c / step - 1e-6))             # first clip frame showing source frame >= c
-        p = 4 * int(round((k - 1) / 4)) + 1           # nearest Wan cut frame 4t+1
+        p = snap_4t_plus_1(k)                         # nearest Wan cut frame 4t+1
         if p >= num_frames:
             break
         snapped.append(max(p, 1))

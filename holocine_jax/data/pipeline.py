@@ -33,13 +33,6 @@ from holocine_jax.shots import ShotLayout
 log = logging.getLogger(__name__)
 
 
-def latent_hw(config) -> tuple[int, int]:
-    """(h, w) token grid of the config's frames after the VAE and the patch embedding."""
-    _, sh, sw = config.vae.stride
-    _, ph, pw = config.model.patch_size
-    return config.video.height // sh // ph, config.video.width // sw // pw
-
-
 class _Skipped(dict):
     """The transform's answer for a record it could not use: {"reason", "index", "detail"}."""
 
@@ -105,9 +98,8 @@ class ExampleTransform(grain.transforms.Map):
                 tw = prompts.text_windows(prompt, self.tokenizer, num_shots=len(cuts) + 1,
                                           text_len=c.model.text_len)
                 windows, pad_start = tw.windows, tw.pad_start
-        out["layout"] = ShotLayout.from_cuts(
-            num_frames, cuts, latent_hw=latent_hw(c), max_shots=c.shots.max_shots,
-            text_windows=windows, text_pad_start=pad_start, summary_frames=c.shots.summary_frames)
+        out["layout"] = ShotLayout.for_config(c, cuts, num_frames=num_frames, text_windows=windows,
+                                              text_pad_start=pad_start)
         return out
 
 

@@ -21,6 +21,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from holocine_jax.files import atomic_file
+
 REASONS = ("missing", "empty", "not_video", "corrupt", "no_video_stream", "decode_error",
            "too_short")
 
@@ -192,8 +194,7 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18,
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"{path}: H.264 (yuv420p) needs even height and width, got {h}x{w}")
-    tmp = f"{path}.partial"
-    with av.open(tmp, "w", format="mp4") as container:
+    with atomic_file(path) as tmp, av.open(tmp, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         options = {"crf": str(crf), "preset": preset}
@@ -208,4 +209,3 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18,
         for frame in yuv:
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    os.replace(tmp, path)

@@ -5,8 +5,9 @@
 For each complete step of the checkpoint directory without a `metrics.json` yet (re-running skips
 done ones), the films of `data_dir` (the first `config.eval.num_films`; prompt = global + shot
 captions, the dataset's cuts, seed = config.eval.seed + index) are sampled and decoded, and the
-clu metrics of `metrics.py` are written to TensorBoard (workdir/eval, tag eval/<name>) and to
-workdir/eval/step_<N>/metrics.json, beside each film's contact sheet and mp4.
+clu metrics of `metrics.py` are written through training's clu metric writer (TensorBoard +
+metrics.jsonl in workdir/eval, tag eval/<name>) and to workdir/eval/step_<N>/metrics.json,
+beside each film's contact sheet and mp4.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import os
 import numpy as np
 import orbax.checkpoint as ocp
 
-from holocine_jax.data.synthetic import FilmSpec
 from holocine_jax.eval import metrics as M
+from holocine_jax.files import atomic_file
 from holocine_jax.prompts import build_prompt, parse_prompt
 from holocine_jax.sample.output import write_film
 from holocine_jax.sample.run import FilmRequest, generate, text_stack
+from holocine_jax.train.metrics import make_writer
+from holocine_jax.world import FilmSpec
 
 
 def eval_films(config, data_dir: str):
@@ -101,7 +104,8 @@ def evaluate_checkpoint(config, checkpoint: str, step: int, films, truths, workd
                         stack, writer=None, progress: bool = False) -> dict:
     """Sample + score one checkpoint step; writes films, metrics.json and TensorBoard scalars.
 
-    stack: (tokenizer, text encoder, vae), built once by the caller.
+    stack: (tokenizer, text encoder, vae), built once by the caller; writer: a clu MetricWriter
+    (`train.metrics.make_writer`) for the scalars eval/<name>, or None.
     """
     from holocine_jax.checkpoint import load_params
 
@@ -117,22 +121,17 @@ def evaluate_checkpoint(config, checkpoint: str, step: int, films, truths, workd
                                                                   step=step))
     result = score_films(config, clips, films, truths)
     if writer is not None:
-        for name, value in result.items():
-            if value is not None:
-                writer.add_scalar(f"eval/{name}", value, step)
+        writer.write_scalars(step, {f"eval/{name}": value for name, value in result.items()
+                                    if value is not None})
         writer.flush()
-    tmp = os.path.join(out, "metrics.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(os.path.join(out, "metrics.json")) as tmp, open(tmp, "w") as f:
         json.dump(dict(step=step, checkpoint=checkpoint, num_films=len(films), metrics=result), f,
                   indent=2)
-    os.replace(tmp, os.path.join(out, "metrics.json"))
     return result
 
 
 def run_eval(config, checkpoint: str, data_dir: str, workdir: str, *, progress: bool = True) -> dict:
     """Evaluate every complete step of `checkpoint` not yet in workdir -> {step: metrics}."""
-    from tensorboardX import SummaryWriter
-
     from holocine_jax.vae import make_vae
 
     steps = checkpoint_steps(checkpoint)
@@ -143,7 +142,7 @@ def run_eval(config, checkpoint: str, data_dir: str, workdir: str, *, progress: 
     if todo:
         films, truths = eval_films(config, data_dir)
         stack = (*text_stack(config), make_vae(config))
-        writer = SummaryWriter(os.path.join(workdir, "eval"))
+        writer = make_writer(os.path.join(workdir, "eval"), console=False)
         try:
             for step in todo:
                 results[step] = evaluate_checkpoint(config, checkpoint, step, films, truths,

@@ -11,22 +11,20 @@
   = mean over frames t >= 1 of (cos(e_0, e_t) + cos(e_{t-1}, e_t)) / 2 (VBench's subject
   consistency), inter-shot = mean cosine between the shots' mean embeddings over all shot pairs;
 - text alignment (pluggable: `(frames, caption) -> score in [0, 1]`), the built-in one checks the
-  synthetic world's captions (framing, action -> glass state, shape, entry side) against
-  `attributes.read_shot`;
+  synthetic world's captions (`world.caption_facts`: framing, action -> glass state, shape, entry
+  side) against `world.read_shot`;
 - synthetic world, exact: `identity` / `room` consistency (shot k reads the same colour, pattern,
   shape / room as shot 1, on the attributes readable in both), and accuracy of the read entry side,
   glass state, framing and shape against the film's spec (captions state all four).
 """
-import re
-
 import flax
 import jax.numpy as jnp
 import numpy as np
 from clu import metrics
 
 from holocine_jax.data.cuts import detect_cuts
-from holocine_jax.eval.attributes import read_film, read_shot
-from holocine_jax.sample.output import shot_bounds
+from holocine_jax.shots import shot_bounds
+from holocine_jax.world import caption_facts, read_film, read_shot
 
 METRIC_NAMES = (
     "cut_precision", "cut_recall", "cut_exact", "intra_shot_consistency",
@@ -107,23 +105,6 @@ def consistency(frames: np.ndarray, cut_frames, embed=simple_embedder) -> tuple[
     means = _unit(np.stack([s.mean(axis=0) for s in shots]))
     inter = [float(means[k] @ means[l]) for k in range(len(shots)) for l in range(k + 1, len(shots))]
     return intra, inter
-
-
-_CAPTION = re.compile(r"^(Wide shot|Close-up): the (\w+) (enters|looks|pours|stands)"
-                      r"(?: from the (left|right))?")
-_GLASS = {"enters": "empty", "looks": "empty", "pours": "filling", "stands": "full"}
-
-
-def caption_facts(caption: str) -> dict:
-    """What a synthetic-world shot caption states: framing, shape, glass, entry side (if any)."""
-    m = _CAPTION.match(caption)
-    if not m:
-        return {}
-    facts = dict(framing="wide" if m[1] == "Wide shot" else "close-up", shape=m[2],
-                 glass=_GLASS[m[3]])
-    if m[4]:
-        facts["entry_side"] = m[4]
-    return facts
 
 
 def world_text_alignment(frames: np.ndarray, caption: str) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from holocine_jax.attention import cross_attention, shot_attention
+from holocine_jax.attention import AttentionSpec, attend, cross_attention
 from holocine_jax.model.layers import FeedForward, dense, layer_norm, modulation_table, rms_norm
 from holocine_jax.model.rope import apply_rope
 
@@ -12,19 +12,16 @@ from holocine_jax.model.rope import apply_rope
 class WanAttention(nnx.Module):
     """diffusers `WanAttention`: `to_q/to_k/to_v`, `to_out.0`, RMS `norm_q/norm_k` across heads.
 
-    Self-attention (context=None) rotates q, k with RoPE and goes through `shot_attention`;
-    cross-attention reads `context` [B, Lt, dim] through `cross_attention` (text windows).
+    With a `spec` it is self-attention: q, k rotate with RoPE and go through `attend` (the spec,
+    and `rules` for a mesh that splits the sequence). Without one it is cross-attention: it reads
+    `context` [B, Lt, dim] through `cross_attention` (text windows).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, eps: float, attention, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, eps: float, spec: AttentionSpec | None = None,
+                 rules=(), dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads = num_heads
-        self.mode, self.impl = attention.mode, attention.impl
-        self.summary_self_weight = attention.summary_self_weight
-        self.block_q, self.block_kv = attention.block_q, attention.block_kv
-        self.context_strategy = attention.context_strategy
-        self.context_halo_frames = attention.context_halo_frames
+        self.spec, self.rules = spec, rules
         self.to_q = dense(dim, dim, ("embed", "heads"), **kw)
         self.to_k = dense(dim, dim, ("embed", "heads"), **kw)
         self.to_v = dense(dim, dim, ("embed", "heads"), **kw)
@@ -37,19 +34,18 @@ class WanAttention(nnx.Module):
         return x.reshape(*x.shape[:2], self.num_heads, -1)
 
     def __call__(self, x, context=None, *, rope=None, layout=None):
-        """x: [B, L, dim] video tokens; context: [B, Lt, dim] or None. Returns [B, L, dim]."""
+        """x: [B, L, dim] video tokens; context: [B, Lt, dim] text (cross-attention only).
+        Returns [B, L, dim]."""
+        if (self.spec is None) == (context is None):
+            raise ValueError("self-attention (a spec) takes no context; cross-attention needs one")
         source = x if context is None else context
         dtype = self.to_q.dtype or x.dtype
         q = self._heads(self.norm_q(self.to_q(x)).astype(dtype))
         k = self._heads(self.norm_k(self.to_k(source)).astype(dtype))
         v = self._heads(self.to_v(source))
-        if context is None:
+        if self.spec is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            out = shot_attention(q, k, v, layout, mode=self.mode, impl=self.impl,
-                                 summary_self_weight=self.summary_self_weight,
-                                 block_q=self.block_q, block_kv=self.block_kv,
-                                 context_strategy=self.context_strategy,
-                                 context_halo_frames=self.context_halo_frames)
+            out = attend(q, k, v, layout, self.spec, self.rules)
         else:
             out = cross_attention(q, k, v, layout)
         return self.to_out[0](out.reshape(x.shape[0], x.shape[1], -1))
@@ -61,14 +57,14 @@ class WanTransformerBlock(nnx.Module):
     The residual stream stays float32 (as the official code); sub-layers run in `dtype`.
     """
 
-    def __init__(self, m, attention, *, rngs: nnx.Rngs):
+    def __init__(self, m, spec: AttentionSpec, rules, *, rngs: nnx.Rngs):
         dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm = dict(eps=m.eps, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.norm1 = layer_norm(m.dim, affine=False, **norm)
-        self.attn1 = WanAttention(m.dim, m.num_heads, eps=m.eps, attention=attention, **kw)
-        self.attn2 = WanAttention(m.dim, m.num_heads, eps=m.eps, attention=attention, **kw)
+        self.attn1 = WanAttention(m.dim, m.num_heads, eps=m.eps, spec=spec, rules=rules, **kw)
+        self.attn2 = WanAttention(m.dim, m.num_heads, eps=m.eps, **kw)
         self.norm2 = layer_norm(m.dim, affine=True, **norm) if m.cross_attn_norm else None
         self.ffn = FeedForward(m.dim, m.ffn_dim, **kw)
         self.norm3 = layer_norm(m.dim, affine=False, **norm)

@@ -1,6 +1,9 @@
 """The Wan diffusion transformer (`WanTransformer3DModel`) in Flax NNX, channels-last.
 
-    model = WanDiT(load_config("tiny"), rngs=nnx.Rngs(0))
+    config = load_config("tiny")
+    model = WanDiT.from_config(config, rngs=nnx.Rngs(0))
+    model = WanDiT(config.model, AttentionSpec.from_config(config.attention), config.mesh.rules,
+                   rngs=nnx.Rngs(0))                  # the same: built from what it needs
     v = model(latents, timesteps, text_states, layout)   # [B, F, H, W, C] -> [B, F, H, W, C]
 
 The blocks are stacked along a leading `layers` axis and run under `nnx.scan` (optionally
@@ -15,37 +18,43 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from holocine_jax.attention import AttentionSpec
 from holocine_jax.model.block import WanTransformerBlock
 from holocine_jax.model.embeddings import ConditionEmbedder, patch_embedding
 from holocine_jax.model.layers import dense, layer_norm, modulation_table, zeros
 from holocine_jax.model.rope import rope_tables
-from holocine_jax.parallel.mesh import constrain
+from holocine_jax.parallel.mesh import constrain, frozen_rules
 
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
-def _stacked_blocks(config, rngs: nnx.Rngs):
-    """`num_layers` blocks with parameters stacked on a leading `layers` axis."""
+def _stacked_blocks(m, spec: AttentionSpec, rules, rngs: nnx.Rngs):
+    """`m.num_layers` blocks with parameters stacked on a leading `layers` axis."""
 
-    @nnx.split_rngs(splits=config.model.num_layers)
+    @nnx.split_rngs(splits=m.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def create(rngs):
-        return WanTransformerBlock(config.model, config.attention, rngs=rngs)
+        return WanTransformerBlock(m, spec, rules, rngs=rngs)
 
     return create(rngs)
 
 
 class WanDiT(nnx.Module):
-    """Wan2.1 / Wan2.2 DiT. `config` is a full config (`config.model`, `config.attention`)."""
+    """Wan2.1 / Wan2.2 DiT.
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
-        m = config.model
+    config: the model section of a run config (`config.model`: sizes, dtypes, remat); attention:
+    how self-attention runs; rules: the logical-axis sharding rules (`config.mesh.rules`).
+    """
+
+    def __init__(self, config, attention: AttentionSpec, rules=(), *, rngs: nnx.Rngs):
+        m = config
         if m.remat not in REMAT_POLICIES:
             raise ValueError(f"config.model.remat={m.remat!r}; expected one of {REMAT_POLICIES}")
         if m.dim % m.num_heads or (m.dim // m.num_heads) % 2:
             raise ValueError(f"config.model.dim={m.dim} must split into {m.num_heads} heads of even size")
         dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
-        self.config = ml_collections.FrozenConfigDict(config)  # static: hashable
+        self.config = ml_collections.FrozenConfigDict(m)  # static: hashable
+        self.attention, self.rules = attention, frozen_rules(rules)
         self.patch_size = tuple(m.patch_size)
         self.out_channels = m.out_channels
         self.head_dim = m.dim // m.num_heads
@@ -56,11 +65,17 @@ class WanDiT(nnx.Module):
                                                param_dtype=param_dtype, rngs=rngs)
         self.condition_embedder = ConditionEmbedder(dim=m.dim, freq_dim=m.freq_dim, text_dim=m.text_dim,
                                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = _stacked_blocks(config, rngs)
+        self.blocks = _stacked_blocks(m, attention, self.rules, rngs)
         self.norm_out = layer_norm(m.dim, eps=m.eps, affine=False, param_dtype=param_dtype, rngs=rngs)
         self.proj_out = dense(m.dim, m.out_channels * math.prod(self.patch_size), ("embed", None),
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=zeros)
         self.scale_shift_table = modulation_table(2, m.dim, param_dtype=param_dtype, rngs=rngs)
+
+    @classmethod
+    def from_config(cls, config, *, rngs: nnx.Rngs) -> WanDiT:
+        """From a run config: `config.model`, `config.attention`, `config.mesh.rules`."""
+        return cls(config.model, AttentionSpec.from_config(config.attention), config.mesh.rules,
+                   rngs=rngs)
 
     def token_grid(self, latent_shape) -> tuple[int, int, int]:
         """(F, h, w) token grid of latents [B, F, H, W, C] after patchify; checks divisibility."""
@@ -88,7 +103,7 @@ class WanDiT(nnx.Module):
         temb, t_mod, context = self.condition_embedder(timesteps, text_states.astype(self.dtype))
         frames = None if layout is None else layout.rope_frame_positions()
         rope = rope_tables(self.head_dim, grid, self.rope_theta, frames)
-        rules = self.config.mesh.rules
+        rules = self.rules
         x = constrain(x.astype(jnp.float32), ("batch", "sequence", "act_embed"), rules)
         context = constrain(context, ("batch", None, None), rules)
         x = self._run_blocks(x, context, t_mod, rope, layout)
@@ -99,7 +114,7 @@ class WanDiT(nnx.Module):
     def _run_blocks(self, x, context, t_mod, rope, layout):
         """Scan the stacked blocks over the float32 residual stream x: [B, L, dim]."""
 
-        rules = self.config.mesh.rules
+        rules = self.rules
 
         def step(block, x):
             x = block(x, context, t_mod, rope, layout)

@@ -1,3 +1,5 @@
-"""Mesh, logical-axis sharding rules and context-parallel attention (DESIGN §6)."""
-from holocine_jax.parallel.mesh import (AXES, batch_shardings, constrain, initialize_distributed,
-                                        logical_spec, make_mesh, state_shardings)
+"""Device mesh and logical-axis sharding rules (DESIGN §6); context-parallel attention lives in
+`attention/context.py`."""
+from holocine_jax.parallel.mesh import (AXES, batch_shardings, constrain, frozen_rules,
+                                        initialize_distributed, logical_spec, make_mesh,
+                                        state_shardings)

@@ -70,6 +70,13 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def frozen_rules(rules) -> tuple:
+    """`config.mesh.rules` as nested tuples (hashable; JSON round trips give lists)."""
+    def axes(a):
+        return tuple(a) if isinstance(a, (list, tuple)) else a
+    return tuple((name, axes(a)) for name, a in rules)
+
+
 def logical_spec(names, rules, mesh=None, shape=None) -> P:
     """PartitionSpec for logical axis `names` (None = replicated dim) under `rules`
     ((logical name, mesh axis | tuple of mesh axes | None) pairs: `config.mesh.rules`).

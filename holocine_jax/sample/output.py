@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from holocine_jax.data.video import write_video
+from holocine_jax.shots import shot_bounds
 
 CUT_MARK = (230, 30, 30)
 GAP = 2  # pixels between thumbnails and rows
@@ -22,15 +23,6 @@ def to_uint8(video) -> np.ndarray:
     """Video in [-1, 1] (any float array) -> uint8 [.., 3] with round-to-nearest."""
     v = np.clip((np.asarray(video, np.float32) + 1.0) * 127.5, 0.0, 255.0)
     return np.round(v).astype(np.uint8)
-
-
-def shot_bounds(num_frames: int, cut_frames) -> list[tuple[int, int]]:
-    """[(start, end)] pixel frames per shot for cuts (first frames of shots 2..K)."""
-    edges = [0, *[int(c) for c in cut_frames], int(num_frames)]
-    if any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"cut frames {list(cut_frames)} are not increasing inside "
-                         f"[1, {num_frames - 1}]")
-    return list(zip(edges, edges[1:]))
 
 
 def contact_sheet(frames: np.ndarray, cut_frames, *, columns: int = 6, border: int = 2) -> np.ndarray:

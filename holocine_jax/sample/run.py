@@ -94,16 +94,11 @@ def film_layout(config, film: FilmRequest, tokenizer) -> ShotLayout:
     """The film's ShotLayout with the prompt's text windows (DESIGN §3)."""
     frames = film.num_frames or config.video.num_frames
     shots = check_request(film)
-    cuts = list(film.cuts) if film.cuts is not None else (even_cuts(frames, shots) if shots > 1 else [])
+    cuts = list(film.cuts) if film.cuts is not None else even_cuts(frames, shots)
     windows = prompts.text_windows(film.prompt, tokenizer, num_shots=shots,
                                    text_len=config.model.text_len)
-    _, sh, sw = config.vae.stride
-    _, ph, pw = config.model.patch_size
-    latent_hw = (config.video.height // sh // ph, config.video.width // sw // pw)
-    return ShotLayout.from_cuts(frames, cuts, latent_hw=latent_hw,
-                                max_shots=config.shots.max_shots, text_windows=windows.windows,
-                                text_pad_start=windows.pad_start,
-                                summary_frames=config.shots.summary_frames)
+    return ShotLayout.for_config(config, cuts, num_frames=frames, text_windows=windows.windows,
+                                 text_pad_start=windows.pad_start)
 
 
 def load_experts(config, checkpoint):
@@ -155,7 +150,7 @@ def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True
 
     out_dir must not exist or be empty; it is written all or nothing. Returns the paths written.
     """
-    from holocine_jax.checkpoint import atomic_directory
+    from holocine_jax.files import atomic_directory
     from holocine_jax.vae import make_vae
 
     films = list(films)

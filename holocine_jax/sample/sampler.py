@@ -19,7 +19,7 @@ import tqdm
 from flax import nnx
 
 from holocine_jax.sample.schedulers import make_scheduler
-from holocine_jax.shots import latent_num_frames
+from holocine_jax.shots import latent_shape
 
 
 def scheduler_from_config(config):
@@ -40,16 +40,6 @@ def guidance_scales(config, num_experts: int) -> tuple[float, ...]:
     return scales
 
 
-def latent_shape(config, batch: int) -> tuple[int, ...]:
-    """[B, F, h, w, z] latents of `config.video` under the VAE stride."""
-    v, (_, sh, sw) = config.video, config.vae.stride
-    if v.height % sh or v.width % sw:
-        raise ValueError(f"video size {v.height}x{v.width} is not divisible by the VAE stride "
-                         f"{(sh, sw)}")
-    return (batch, latent_num_frames(v.num_frames), v.height // sh, v.width // sw,
-            config.model.in_channels)
-
-
 def initial_noise(key, shape) -> jax.Array:
     """Gaussian noise [B, ...]: one key per film ([B] keys), or one key split into B."""
     keys = key if jnp.ndim(key) == 1 else jax.random.split(key, shape[0])
@@ -65,12 +55,19 @@ def _concat(a, b):
 @functools.lru_cache(maxsize=16)
 def _jitted_step(graphdef, scheduler, scale: float):
     """One compiled program per (model structure, scheduler, guidance scale), reused by calls."""
-    return jax.jit(functools.partial(_denoise_step, graphdef, scheduler, scale))
+    return jax.jit(functools.partial(denoise_step, graphdef, scheduler, scale))
 
 
-def _denoise_step(graphdef, scheduler, scale, params, state, x, t_index, text, negative, layout,
-                  negative_layout):
-    """One guided step: v = v_neg + scale (v_pos - v_neg); scale 1 skips the negative pass."""
+def denoise_step(graphdef, scheduler, scale, params, state, x, t_index, text, negative, layout,
+                 negative_layout):
+    """One guided step: v = v_neg + scale (v_pos - v_neg); scale 1 skips the negative pass.
+
+    graphdef, scheduler, scale: static (bind them with functools.partial before jitting);
+    params: the model's nnx state; state: the scheduler state; x: [B, F, h, w, z] latents;
+    t_index: int32 [] step index into scheduler.timesteps; text, negative: [B, Lt, D] text
+    states; layout, negative_layout: ShotLayouts batched [B] (or None: plain Wan). Returns
+    (x, state) after the scheduler update. Both CFG passes run as one batch of 2B.
+    """
     model = nnx.merge(graphdef, params)
     b = x.shape[0]
     t = jnp.full((b,), jnp.asarray(scheduler.timesteps)[t_index])

@@ -32,7 +32,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from holocine_jax.train.objective import NUM_TRAIN_TIMESTEPS, shift_sigma
+from holocine_jax.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
 
 SCHEDULERS = ("euler", "unipc")
 UNIPC_GRIDS = ("diffusers", "wan")

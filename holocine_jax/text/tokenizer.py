@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from holocine_jax import prompts
+from holocine_jax.world import caption_vocabulary, caption_words
 
 TOKENIZER_FILE = "tokenizer.json"
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # T5 ids 0, 1, 2
-_WORD = r"[\w-]+|[^\w\s]"  # the split of `synthetic.caption_vocabulary`
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -41,16 +40,14 @@ def load_tokenizer(path: str) -> Tokenizer:
 @functools.cache
 def world_vocabulary() -> tuple[str, ...]:
     """Special tokens, then every word of the world's captions, the prompt tags and shot counts."""
-    from holocine_jax.data.synthetic import caption_vocabulary
-
     frame = prompts.build_prompt("This scene contains shots.", ["x", "y"])
-    words = set(caption_vocabulary()) | set(re.findall(_WORD, frame.lower())) | {str(n) for n in range(100)}
+    words = set(caption_vocabulary()) | set(caption_words(frame)) | {str(n) for n in range(100)}
     return (PAD, EOS, UNK) + tuple(sorted(words - {PAD, EOS, UNK}))
 
 
 def world_tokenizer() -> Tokenizer:
     """Word-level tokenizer of the synthetic world (deterministic): lower-cases, splits words and
-    punctuation like `synthetic.caption_vocabulary`, unknown words -> `<unk>`, appends `</s>`."""
+    punctuation like `world.caption_words`, unknown words -> `<unk>`, appends `</s>`."""
     vocab = {w: i for i, w in enumerate(world_vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()

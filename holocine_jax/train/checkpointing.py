@@ -17,6 +17,7 @@ import os
 import orbax.checkpoint as ocp
 
 from holocine_jax.checkpoint import load_config_json
+from holocine_jax.files import atomic_file
 from holocine_jax.train.state import TrainState
 
 ITEMS = ("params", "train", "data")
@@ -52,10 +53,8 @@ class TrainCheckpointer:
                 raise ValueError(f"{self.directory!r} holds a checkpoint of another config "
                                  f"({'; '.join(changed)}); use a new workdir or the stored config")
         else:
-            tmp = config_path + ".tmp"
-            with open(tmp, "w") as f:
+            with atomic_file(config_path) as tmp, open(tmp, "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
-            os.replace(tmp, config_path)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=ITEMS,
             options=ocp.CheckpointManagerOptions(

@@ -23,7 +23,7 @@ from flax import nnx
 from holocine_jax.checkpoint import load_config_json, load_params
 from holocine_jax.model import WanDiT
 from holocine_jax.parallel import batch_shardings, make_mesh, state_shardings
-from holocine_jax.parallel.context import check_halo
+from holocine_jax.attention.context import check_halo
 from holocine_jax.train.checkpointing import TrainCheckpointer, _shape_keys
 from holocine_jax.train.metrics import MetricsBuffer, make_writer, periodic_actions
 from holocine_jax.train.state import init_train_state, split_model
@@ -37,7 +37,7 @@ def initial_model(config) -> WanDiT:
     (an imported or trained directory; its model config must match)."""
     path = config.train.init_from
     if not path:
-        return WanDiT(config, rngs=nnx.Rngs(config.seed))
+        return WanDiT.from_config(config, rngs=nnx.Rngs(config.seed))
     stored, current = _shape_keys(load_config_json(path)), _shape_keys(config)
     changed = [k for k in sorted(set(stored) | set(current))
                if k != "expert" and stored.get(k) != current.get(k)]
@@ -73,7 +73,7 @@ def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None,
 def _resume_or_init(config, ckpt: TrainCheckpointer, batches, mesh):
     """(state, rest, graphdef, state shardings): fresh or restored, laid out on `mesh` by the
     rule table (fresh and restored states share one sharding, hence one compiled program)."""
-    abstract_model = nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(config.seed)))
+    abstract_model = nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(config.seed)))
     graphdef, abstract_params, rest = split_model(abstract_model)
     abstract = jax.eval_shape(lambda p: init_train_state(config, p), abstract_params)
     sharding = state_shardings(abstract, mesh, config.mesh.rules)

@@ -17,6 +17,8 @@ import types
 import jax
 import numpy as np
 
+from holocine_jax.flow import NUM_TRAIN_TIMESTEPS
+
 
 def metric_writers():
     """The `clu.metric_writers` module, importable without TensorFlow."""
@@ -162,7 +164,7 @@ class MetricsBuffer:
         out["train/skipped_in_interval"] = float(sum(s["skipped"] for s in steps))
         losses = np.concatenate([np.ravel(s["sample_loss"]) for s in steps])
         t = np.concatenate([np.ravel(s["timesteps"]) for s in steps])
-        width = 1000 / self.num_buckets
+        width = NUM_TRAIN_TIMESTEPS / self.num_buckets
         bucket = np.minimum((t // width).astype(int), self.num_buckets - 1)
         for i in range(self.num_buckets):
             if np.any(bucket == i):

@@ -2,7 +2,8 @@
 
     x_t = (1 - σ) x0 + σ ε,   target v = ε - x0,   t = 1000 σ,   σ = shift(s) = k s / (1 + (k-1) s)
 
-Every mode draws a *schedule position* p = 1 - s in [p_lo, p_hi) (p = 0 is pure noise):
+The schedule maths (shift, the 1000-step table) lives in holocine_jax/flow.py. Every mode
+draws a *schedule position* p = 1 - s in [p_lo, p_hi) (p = 0 is pure noise):
 - "holocine": DiffSynth's FlowMatchScheduler as HoloCine trains it — a 1000-entry table
   σ_i = shift(1 - i/1000), an index i uniform in [min_boundary·1000, max_boundary·1000), and the
   Gaussian-shaped weight table w_i (mean 1) read at i;
@@ -22,27 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr, ndtri
 
-NUM_TRAIN_TIMESTEPS = 1000
+from holocine_jax.flow import NUM_TRAIN_TIMESTEPS, holocine_tables, shift_sigma, unshift_sigma
+
 TIMESTEP_MODES = ("holocine", "uniform", "logit_normal")
-
-
-def shift_sigma(s, shift: float):
-    """σ = shift·s / (1 + (shift − 1)·s): more steps at high noise for shift > 1."""
-    return shift * s / (1 + (shift - 1) * s)
-
-
-def unshift_sigma(sigma, shift: float):
-    """Inverse of `shift_sigma`."""
-    return sigma / (shift - (shift - 1) * sigma)
-
-
-def holocine_tables(shift: float, n: int = NUM_TRAIN_TIMESTEPS):
-    """DiffSynth's training schedule: (sigmas [n], timesteps [n] = n·σ, weights [n], mean 1)."""
-    sigmas = shift_sigma(1.0 - np.arange(n, dtype=np.float64) / n, shift)
-    timesteps = sigmas * n
-    y = np.exp(-2.0 * ((timesteps - n / 2) / n) ** 2)
-    y = y - y.min()
-    return sigmas, timesteps, y * n / y.sum()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """TrainState: everything a training run carries from step to step, as one pytree.
 
-    graphdef, params, rest = split_model(WanDiT(config, rngs=nnx.Rngs(config.seed)))
+    graphdef, params, rest = split_model(WanDiT.from_config(config, rngs=nnx.Rngs(config.seed)))
     state = init_train_state(config, params)
     abstract = jax.eval_shape(lambda: init_train_state(config, params))   # restore target
     train_step = make_train_step(config, graphdef, rest)      # train/step.py

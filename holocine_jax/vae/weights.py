@@ -29,6 +29,7 @@ import re
 import jax.numpy as jnp
 from flax import nnx
 
+from holocine_jax.config import wan_vae_arch
 from holocine_jax.convert.layout import CheckpointMismatchError, TensorEntry, check_tensors, from_torch
 from holocine_jax.convert.names import nnx_path_to_diffusers, strip_official_prefix
 from holocine_jax.convert.safetensors_io import SafetensorsReader
@@ -150,10 +151,7 @@ def load_official_vae(path: str, arch, *, dtype="float32") -> AutoencoderKLWan:
         raise ValueError(f"{path}: PyTorch pickles are not read; convert it first with "
                          "safetensors.torch.save_file(torch.load(path), 'vae.safetensors')")
     if isinstance(arch, str):
-        from configs.base import WAN_VAES
-        if arch not in WAN_VAES:
-            raise ValueError(f"unknown Wan VAE version {arch!r}; known: {sorted(WAN_VAES)}")
-        arch = WAN_VAES[arch]
+        arch = wan_vae_arch(arch)
     arch = arch if isinstance(arch, WanVAEArch) else WanVAEArch.from_dict(arch, str(path))
     reader = SafetensorsReader(path)
     _, originals = strip_official_prefix(reader.shapes())

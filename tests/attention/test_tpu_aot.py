@@ -32,7 +32,7 @@ def wan_film():
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
 def test_kernels_compile_for_tpu_with_the_masks_work_and_no_square_buffer(topology):
-    from holocine_jax.parallel.compile import topology_devices
+    from holocine_jax.compile import topology_devices
 
     film = wan_film()
     layout = film.broadcast_to_batch(1)

@@ -21,7 +21,7 @@ from model.test_parity import assert_close, inputs, torch_forward
 
 def random_model(config, seed=0):
     """WanDiT with every parameter random (the default init zeroes proj_out)."""
-    model = WanDiT(config, rngs=nnx.Rngs(seed))
+    model = WanDiT.from_config(config, rngs=nnx.Rngs(seed))
     keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from holocine_jax.config import load_config
-from holocine_jax.data import synthetic as syn
+from holocine_jax import world
 from holocine_jax.data.cuts import detect_cuts
 from holocine_jax.data.dataset import (REPORT, BuildError, build_dataset, decode_text,
                                        load_data_source, write_synthetic_dataset)
@@ -27,11 +27,11 @@ def good_line(name, spec):
 def test_bad_input_manifest_builds_good_examples_and_counts_reasons(tmp_path, config):
     lines, specs = [], {}
     for i in range(3):                                     # 3 good films
-        frames, spec = syn.make_film(100 + i, num_frames=33, shot_range=(2, 4))
+        frames, spec = world.make_film(100 + i, num_frames=33, shot_range=(2, 4))
         write_video(str(tmp_path / f"good{i}.mp4"), frames, fps=8)
         specs[f"good{i}.mp4"] = spec
         lines.append(json.dumps(good_line(f"good{i}.mp4", spec)))
-    frames, spec = syn.make_film(200, num_frames=33, shot_range=(2, 4))
+    frames, spec = world.make_film(200, num_frames=33, shot_range=(2, 4))
     write_video(str(tmp_path / "src.mp4"), frames, fps=8)
     data = (tmp_path / "src.mp4").read_bytes()
     for i, frac in enumerate((0.5, 0.9)):  # 2 truncated mp4s: moov lost -> corrupt; mdat cut -> decode_error
@@ -73,13 +73,13 @@ def test_bad_input_manifest_builds_good_examples_and_counts_reasons(tmp_path, co
     for i in range(3):
         ex = decode_text(source[i])
         spec = specs[os.path.basename(ex["source"])]
-        assert syn.FilmSpec.from_dict(json.loads(ex["attributes"])) == spec   # ground truth survives
+        assert world.FilmSpec.from_dict(json.loads(ex["attributes"])) == spec   # ground truth survives
         assert ex["video"].shape == (33, 64, 64, 3) and ex["video"].dtype == np.uint8
         assert list(ex["cut_frames"]) == list(spec.cut_frames) and ex["num_shots"] == spec.num_shots
         assert ex["shot_captions"] == list(spec.shot_captions)
         assert ex["global_caption"] == spec.global_caption
         assert detect_cuts(ex["video"]) == list(spec.cut_frames)
-        rendered = syn.render_film(spec, height=64, width=64)
+        rendered = world.render_film(spec, height=64, width=64)
         assert np.abs(ex["video"].astype(np.int16) - rendered).mean() < 5.0
 
     with pytest.raises(BuildError, match="trunc0.mp4"):
@@ -97,8 +97,8 @@ def test_synthetic_dataset_is_deterministic_and_keeps_ground_truth(tmp_path, con
         eb = by_source[os.path.basename(ea["source"])]
         # Rendering is byte-exact; x264 is not always, so the decoded clips agree to < 0.5 levels.
         assert np.abs(ea["video"].astype(np.int16) - eb["video"]).mean() < 0.5
-        spec = syn.FilmSpec.from_dict(json.loads(ea["attributes"]))
-        assert spec == syn.sample_film(spec.seed, num_frames=33, shot_range=(2, 4))
+        spec = world.FilmSpec.from_dict(json.loads(ea["attributes"]))
+        assert spec == world.sample_film(spec.seed, num_frames=33, shot_range=(2, 4))
         assert list(ea["cut_frames"]) == list(spec.cut_frames) and 2 <= spec.num_shots <= 4
 
 

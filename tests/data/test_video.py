@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from holocine_jax.data import synthetic as syn
+from holocine_jax import world
 from holocine_jax.data.cuts import detect_cuts
 from holocine_jax.data.video import (VideoError, probe_video, read_video, resample_indices,
                                      write_video)
@@ -29,7 +29,7 @@ def read_stamps(frames):
 @pytest.fixture(scope="module")
 def stamped(tmp_path_factory):
     """A 33-frame 8 fps synthetic film with index stamps, keyframes every 8 frames."""
-    frames, spec = syn.make_film(7, height=64, width=64, num_frames=33)
+    frames, spec = world.make_film(7, height=64, width=64, num_frames=33)
     frames = stamp(frames)
     path = str(tmp_path_factory.mktemp("video") / "stamped.mp4")
     write_video(path, frames, fps=8, keyframe_interval=8)
@@ -38,7 +38,7 @@ def stamped(tmp_path_factory):
 
 def test_round_trip_keeps_content_and_cuts(tmp_path):
     for seed in range(6):
-        frames, spec = syn.make_film(seed, height=64, width=64, num_frames=33)
+        frames, spec = world.make_film(seed, height=64, width=64, num_frames=33)
         path = str(tmp_path / f"film{seed}.mp4")
         write_video(path, frames, fps=8)
         info = probe_video(path)
@@ -80,8 +80,8 @@ def test_fps_resample_with_start(stamped):
 
 
 def test_resize_stretch_and_crop(tmp_path):
-    spec = syn.sample_film(4, num_frames=9, min_shot_latents=1)
-    big = syn.render_film(spec, height=128, width=128)
+    spec = world.sample_film(4, num_frames=9, min_shot_latents=1)
+    big = world.render_film(spec, height=128, width=128)
     path = str(tmp_path / "big.mp4")
     write_video(path, big, fps=8)
     small = read_video(path, size=(64, 64), resize="stretch").astype(np.float32)
@@ -90,7 +90,7 @@ def test_resize_stretch_and_crop(tmp_path):
     assert small.shape == (9, 64, 64, 3) and err < 5.0
     assert np.abs(small - np.roll(pooled, 8, axis=2)).mean() > 2 * err  # a shifted image is worse
     # Wide source, square crop: the centre 64x64 of a 64x128 render (no scaling needed).
-    wide = syn.render_film(spec, height=64, width=128)
+    wide = world.render_film(spec, height=64, width=128)
     wpath = str(tmp_path / "wide.mp4")
     write_video(wpath, wide, fps=8)
     crop = read_video(wpath, size=(64, 64)).astype(np.float32)
@@ -98,7 +98,7 @@ def test_resize_stretch_and_crop(tmp_path):
     assert crop.shape == (9, 64, 64, 3) and err < 5.0
     assert np.abs(crop - wide[:, :, :64]).mean() > 2 * err
     # Crop with scaling: 128x256 -> 32x32 equals the centre of a 4x4-pooled render.
-    wide2 = syn.render_film(spec, height=128, width=256)
+    wide2 = world.render_film(spec, height=128, width=256)
     w2path = str(tmp_path / "wide2.mp4")
     write_video(w2path, wide2, fps=8)
     crop2 = read_video(w2path, size=(32, 32)).astype(np.float32)
@@ -135,7 +135,7 @@ def test_errors_name_file_and_reason(tmp_path, stamped):
 
 
 def test_encoding_same_frames_decodes_alike(tmp_path):
-    frames, _ = syn.make_film(3_000_000, num_frames=33, shot_range=(2, 4))
+    frames, _ = world.make_film(3_000_000, num_frames=33, shot_range=(2, 4))
     decoded = []
     for k in range(3):
         write_video(str(tmp_path / f"{k}.mp4"), frames, fps=8)

@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 from holocine_jax.data.dataset import decode_text, load_data_source, write_synthetic_dataset
-from holocine_jax.data.synthetic import FilmSpec, render_film
+from holocine_jax.world import FilmSpec, render_film
 from holocine_jax.eval import job
 from holocine_jax.eval.metrics import METRIC_NAMES
+from holocine_jax.train.metrics import read_metrics
 from holocine_jax.vae import make_vae
 from sample.test_sampler import random_model, small_config
 
@@ -76,6 +77,9 @@ def test_run_eval_writes_each_step_once(tmp_path, dataset):
         assert os.path.exists(os.path.join(work, "eval", f"step_{step:08d}", "film_001",
                                            "contact_sheet.png"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(work, "eval")))
+    logged = read_metrics(os.path.join(work, "eval", "metrics.jsonl"))  # the same clu writer
+    assert logged == {s: {f"eval/{k}": v for k, v in results[s].items() if v is not None}
+                      for s in (1, 2)}
     stamp = os.path.getmtime(os.path.join(work, "eval", "step_00000001", "metrics.json"))
     assert job.run_eval(config, ckpt, dataset, work, progress=False) == {}  # all done: skipped
     save_steps(ckpt, config, [3])

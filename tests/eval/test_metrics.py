@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from holocine_jax.data import synthetic as syn
+from holocine_jax import world
 from holocine_jax.eval import metrics as M
 
 
@@ -64,31 +64,31 @@ def test_consistency_with_a_plugged_embedder():
 
 def splice(spec_a, spec_b):
     """Shot 1 of film a, then the rest of film b (same cuts)."""
-    a, b = syn.render_film(spec_a), syn.render_film(spec_b)
+    a, b = world.render_film(spec_a), world.render_film(spec_b)
     cut = spec_a.cut_frames[0]
     return np.concatenate([a[:cut], b[cut:]])
 
 
 def test_colour_swap_gives_identity_accuracy_zero():
-    spec = syn.sample_film(2, num_frames=33, num_shots=2)
+    spec = world.sample_film(2, num_frames=33, num_shots=2)
     other = "green" if spec.colour != "green" else "red"
-    swapped = syn.FilmSpec.from_dict({**spec.to_dict(), "colour": other})
+    swapped = world.FilmSpec.from_dict({**spec.to_dict(), "colour": other})
     truth = spec.shot_attributes()
-    same = M.film_metrics(syn.render_film(spec), spec.cut_frames, truth=truth,
+    same = M.film_metrics(world.render_film(spec), spec.cut_frames, truth=truth,
                           captions=spec.shot_captions).compute()
     assert same["identity_consistency"] == 1 and same["room_consistency"] == 1
     assert same["text_alignment"] == 1 and same["glass_accuracy"] == 1
     got = M.film_metrics(splice(spec, swapped), spec.cut_frames, truth=truth).compute()
     assert got["identity_consistency"] == 0 and got["room_consistency"] == 1
     room = "office" if spec.room != "office" else "studio"
-    moved = syn.FilmSpec.from_dict({**spec.to_dict(), "room": room})
+    moved = world.FilmSpec.from_dict({**spec.to_dict(), "room": room})
     got = M.film_metrics(splice(spec, moved), spec.cut_frames, truth=truth).compute()
     assert got["identity_consistency"] == 1 and got["room_consistency"] == 0
 
 
 def test_text_alignment_catches_wrong_framing():
-    spec = syn.sample_film(0, num_frames=33)
-    frames = syn.render_film(spec)
+    spec = world.sample_film(0, num_frames=33)
+    frames = world.render_film(spec)
     first = spec.shots[0]
     shot = frames[first.start:first.end]
     assert M.world_text_alignment(shot, first.caption) == 1.0

@@ -26,7 +26,7 @@ def model_with(params=None, **attention):
     """A tiny 2-layer model with `config.attention` fields set, holding `params` if given."""
     config = tiny_config(num_layers=2)
     config.attention.update(attention)
-    model = WanDiT(config, rngs=nnx.Rngs(3))
+    model = WanDiT.from_config(config, rngs=nnx.Rngs(3))
     if params is None:  # give the zero-initialised output head weights so outputs are non-trivial
         state = nnx.state(model, nnx.Param)
         keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(state))))

@@ -28,7 +28,7 @@ def loss_and_grads(model):
 def same_params(config, **model_fields):
     """A model built from `config` with `model_fields` changed, holding `random_model`'s weights."""
     base = random_model(config)
-    other = WanDiT(tiny_config(**model_fields), rngs=nnx.Rngs(0))
+    other = WanDiT.from_config(tiny_config(**model_fields), rngs=nnx.Rngs(0))
     nnx.update(other, nnx.state(base, nnx.Param))
     return base, other
 
@@ -44,7 +44,7 @@ def test_unrolled_and_remat_match_scan(fields):
 
 
 def test_every_parameter_has_logical_axes():
-    model = nnx.eval_shape(lambda: WanDiT(tiny_config(), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: WanDiT.from_config(tiny_config(), rngs=nnx.Rngs(0)))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == var.get_value().ndim, (path, axes)
@@ -53,7 +53,7 @@ def test_every_parameter_has_logical_axes():
 
 def test_compiled_program_size_does_not_grow_with_depth():
     def hlo_size(num_layers):
-        model = nnx.eval_shape(lambda: WanDiT(tiny_config(num_layers=num_layers), rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: WanDiT.from_config(tiny_config(num_layers=num_layers), rngs=nnx.Rngs(0)))
         graphdef, params = nnx.split(model)
         fwd = jax.jit(lambda p, x, t, s: nnx.merge(graphdef, p)(x, t, s))
         return len(fwd.lower(params, LATENTS, TIMESTEPS, TEXT).as_text())
@@ -82,6 +82,6 @@ def test_rope_split_and_tables():
 
 
 def test_latents_not_divisible_by_patch_are_named():
-    model = WanDiT(tiny_config(), rngs=nnx.Rngs(0))
+    model = WanDiT.from_config(tiny_config(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"\(2, 3, 5, 6, 16\).*patch size \(1, 2, 2\)"):
         model(np.zeros((2, 3, 5, 6, 16), np.float32), TIMESTEPS, TEXT)

@@ -15,7 +15,7 @@ from sample.test_sampler import random_model, small_config
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return save_params(random_model(0), str(tmp_path_factory.mktemp("ck") / "ckpt"))
+    return save_params(random_model(0), str(tmp_path_factory.mktemp("ck") / "ckpt"), small_config())
 
 
 def sample_config():

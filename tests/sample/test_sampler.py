@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from holocine_jax.model import WanDiT
-from holocine_jax.sample.sampler import initial_noise, latent_shape, sample_film
+from holocine_jax.sample.sampler import initial_noise, sample_film
 from holocine_jax.sample.schedulers import make_scheduler
-from holocine_jax.shots import ShotLayout
+from holocine_jax.shots import ShotLayout, latent_shape
 from conftest import tiny_config
 
 STEPS = 3
@@ -28,7 +28,7 @@ def small_config(**sample):
 def random_model(seed):
     """A tiny DiT of `small_config()` with a non-zero output head (WanDiT zero-initialises
     proj_out). Cached: construction dominates these tests' time; tests never mutate it."""
-    model = WanDiT(small_config(), rngs=nnx.Rngs(seed))
+    model = WanDiT.from_config(small_config(), rngs=nnx.Rngs(seed))
     kernel = model.proj_out.kernel
     kernel[...] = 0.05 * jax.random.normal(jax.random.key(seed + 100), kernel.shape)
     return model

@@ -7,9 +7,8 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from holocine_jax import prompts
+from holocine_jax import prompts, world
 from holocine_jax.config import load_config
-from holocine_jax.data import synthetic
 from holocine_jax.text import encode_text, load_tokenizer, tiny_text_encoder, tokenize, world_tokenizer
 
 SENTENCES = [
@@ -81,7 +80,7 @@ def test_world_tokenizer_knows_every_caption_word():
     assert tok.to_str() == world_tokenizer().to_str()  # deterministic
     unk = tok.token_to_id("<unk>")
     for seed in range(20):
-        spec = synthetic.sample_film(seed)
+        spec = world.sample_film(seed)
         prompt = prompts.build_prompt(spec.global_caption, spec.shot_captions)
         enc = tok.encode(prompt)
         assert unk not in enc.ids, [t for t in enc.tokens if t == "<unk>"]

@@ -1,8 +1,6 @@
-"""Flow-matching objective against formulas written out here: DiffSynth's 1000-step shifted
-training schedule and Gaussian-shaped weights (DESIGN §10), the A14B expert split, the truncated
-logit-normal and uniform alternatives, x_t and the masked loss."""
-import math
-
+"""Flow-matching objective against formulas written out by hand (the table in test_flow.py):
+DiffSynth's 1000-step shifted training schedule and Gaussian-shaped weights (DESIGN §10), the
+A14B expert split, the truncated logit-normal and uniform alternatives, x_t and the masked loss."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,21 +10,7 @@ from conftest import tiny_config
 from holocine_jax.config import load_config
 from holocine_jax.shots import ShotLayout
 from holocine_jax.train import objective
-
-
-def diffsynth_table(shift=5.0):
-    """sigma_i = shift(1 - i/1000), t_i = 1000 sigma_i, w_i = (y_i - min y) * 1000 / sum(y - min y),
-    y_i = exp(-2 ((t_i - 500) / 1000)^2), written element by element."""
-    sigmas, ts = [], []
-    for i in range(1000):
-        s = 1.0 - i / 1000.0
-        sigma = shift * s / (1.0 + (shift - 1.0) * s)
-        sigmas.append(sigma)
-        ts.append(1000.0 * sigma)
-    ys = [math.exp(-2.0 * ((t - 500.0) / 1000.0) ** 2) for t in ts]
-    low = min(ys)
-    total = sum(y - low for y in ys)
-    return np.array(sigmas), np.array(ts), np.array([(y - low) * 1000.0 / total for y in ys])
+from test_flow import diffsynth_table
 
 
 def table_index(sigma, shift=5.0):

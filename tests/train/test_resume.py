@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from holocine_jax.checkpoint import load_params, save_params
+from holocine_jax.checkpoint import load_config_json, load_params, save_params
 from holocine_jax.model import WanDiT
 from holocine_jax.train.checkpointing import TrainCheckpointer
 from holocine_jax.train.loop import initial_model, run_training
@@ -69,7 +69,7 @@ def complete_steps(ckpt_dir):
 
 def restore(ckpt_dir, step):
     config = worker_config()
-    graphdef, params, _ = split_model(nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(0))))
+    graphdef, params, _ = split_model(nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(0))))
     with TrainCheckpointer(ckpt_dir, config) as ckpt:
         return ckpt.restore(jax.eval_shape(lambda p: init_train_state(config, p), params), step)
 
@@ -128,7 +128,7 @@ def test_params_only_loading_and_init_from_imported_weights(runs, tmp_path):
     model = load_params(os.path.join(straight, "checkpoints"))   # what sample / export call
     for x, y in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(state.params)):
         assert np.array_equal(x, y)
-    save_params(model, str(tmp_path / "imported"))
+    save_params(model, str(tmp_path / "imported"), load_config_json(os.path.join(straight, "checkpoints")))
     start = initial_model(worker_config(f"train.init_from={tmp_path / 'imported'}"))
     for x, y in zip(jax.tree.leaves(nnx.state(start, nnx.Param)), jax.tree.leaves(state.params)):
         assert np.array_equal(x, y)

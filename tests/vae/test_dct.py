@@ -5,7 +5,7 @@ import pytest
 from scipy.fft import dct, dctn
 
 from holocine_jax.config import load_config
-from holocine_jax.data.synthetic import make_film
+from holocine_jax.world import make_film
 from holocine_jax.vae import DCTAutoencoder, denormalize_latents, make_vae, normalize_latents
 from holocine_jax.vae.dct import COLOUR, coefficient_list, dct_matrix
 

@@ -1,16 +1,17 @@
-"""Context parallelism: the film's token sequence split over the mesh's `context` axis (DESIGN §6).
+"""Context parallelism: the film's token sequence split over the mesh axis that
+`config.mesh.rules` maps `sequence` to (DESIGN §6).
 
-    with jax.set_mesh(mesh):          # attention/dispatch.py routes here when context > 1
-        out = context_shot_attention(q, k, v, layout, mesh=mesh, strategy="ulysses", ...)
+    with jax.set_mesh(mesh):          # attention/dispatch.py routes here and picks the strategy
+        out = context_attention(q, k, v, layout, spec, mesh=mesh, rules=rules, strategy="ulysses")
 
-q, k, v: [B, L, H, D] global arrays, batch over ("data", "fsdp"), sequence over "context",
-heads over "tensor". The layout is traced data (a new cut never recompiles), replicated over
-`context` and sharded like the batch.
+q, k, v: [B, L, H, D] global arrays, laid out by the rules' `batch`, `sequence` and `heads`
+axes (the shard_map specs come from `parallel.logical_spec`). The layout is traced data (a new
+cut never recompiles), replicated over the sequence axis and sharded like the batch.
 
 `ulysses`: all-to-all from sequence- to head-sharded ([B, L/C, H/T] -> [B, L, H/(T C)]), the
-local block plan over the whole film for those heads (whatever executor `impl` picks), and
-all-to-all back. Works for every layout; needs heads % (tensor x context) == 0. Per device it
-moves q, k, v and the output once: 4 x [B, L/C, H/T, D].
+local plan over the whole film for those heads (`executors.attend_local`), and all-to-all
+back. Works for every layout; needs heads % (tensor x context) == 0. Per device it moves q, k,
+v and the output once: 4 x [B, L/C, H/T, D].
 
 `shot_aware` (ours): a device keeps its query slice [j n, (j+1) n) (n = L/C) and gathers only
 the keys its queries may see: a halo of `halo_left` tokens before and `halo_right` after its
@@ -21,9 +22,7 @@ local step is the block plan of the slice against those keys (`make_token_plan`)
 it moves 2 x (halo_left + halo_right + max_shots*S*T) tokens of K and V, so it beats ulysses
 when shots are short next to a slice. The halos are static (a program serves every layout of
 its shape): give the data's largest overhang (`required_halo`); the default is the whole film
-(always enough). `full` mode has no sparsity to exploit and runs ulysses. Strategy `auto`
-(resolved by the attention dispatch, `choose_strategy`) runs shot_aware when its halos move
-fewer bytes than ulysses or the heads do not split for ulysses, else ulysses.
+(always enough). `choose_strategy` is what the dispatch asks to resolve `auto`.
 """
 from __future__ import annotations
 
@@ -34,31 +33,56 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from holocine_jax.attention.executors import attend_local, attend_plan
 from holocine_jax.attention.plan import make_token_plan
+from holocine_jax.attention.spec import AttentionSpec
+from holocine_jax.parallel.mesh import logical_spec
 
 STRATEGIES = ("ulysses", "shot_aware")
 
 
-def _batch_axes(mesh, batch: int):
-    """Mesh axes the batch is split over (those of data/fsdp with size > 1), or None."""
-    axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+def sequence_axis(rules) -> str:
+    """The one mesh axis `rules` split the film's sequence over (`config.mesh.rules`)."""
+    axis = dict(rules).get("sequence")
+    if not isinstance(axis, str):
+        raise ValueError(f"config.mesh.rules maps 'sequence' to {axis!r}; context parallelism "
+                         f"needs exactly one mesh axis there")
+    return axis
+
+
+def _ways(mesh, entry) -> int:
+    """Devices a PartitionSpec entry (None | axis | tuple of axes) splits a dimension over."""
+    axes = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _split(mesh, rules):
+    """(sequence axis, its size, head-split ways) of the mesh under the rules."""
+    seq = sequence_axis(rules)
+    return seq, mesh.shape[seq], _ways(mesh, logical_spec(("heads",), rules, mesh)[0])
+
+
+def _specs(mesh, rules, batch: int):
+    """shard_map specs from the rules: ([B, L, H, D] activations, the batch entry)."""
+    spec = logical_spec(("batch", "sequence", "heads", None), rules, mesh)
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
     if axes and batch % math.prod(mesh.shape[a] for a in axes):
         raise ValueError(f"batch {batch} is not divisible by the mesh's batch axes {axes} "
                          f"({[mesh.shape[a] for a in axes]})")
-    return axes or None
+    return spec, spec[0]
 
 
-def check_context_split(num_heads: int, length: int, mesh, strategy: str) -> None:
+def check_context_split(num_heads: int, length: int, mesh, rules, strategy: str) -> None:
     """Clear errors before tracing any collective: sequence / heads divisibility."""
-    c, t = mesh.shape["context"], mesh.shape.get("tensor", 1)
+    seq, c, t = _split(mesh, rules)
     if strategy not in STRATEGIES:
         raise ValueError(f"context strategy {strategy!r} is not one of {STRATEGIES}")
     if length % c:
-        raise ValueError(f"the film's {length} tokens do not split evenly over context={c} devices")
+        raise ValueError(f"the film's {length} tokens do not split evenly over {seq}={c} devices")
     if num_heads % t:
         raise ValueError(f"{num_heads} heads do not split over tensor={t} devices")
     if strategy == "ulysses" and num_heads % (t * c):
-        raise ValueError(f"ulysses needs heads divisible by tensor x context = {t} x {c}; the "
+        raise ValueError(f"ulysses needs heads divisible by tensor x {seq} = {t} x {c}; the "
                          f"model has {num_heads} heads (use another context size or shot_aware)")
 
 
@@ -98,18 +122,21 @@ def check_halo(layout, context: int, halo_frames: int) -> None:
                          f"context_halo_frames={halo_frames}; raise it (or -1: the whole film)")
 
 
-def choose_strategy(strategy: str, layout, mesh, num_heads: int, mode: str, halo) -> str:
-    """Resolve `auto`: shot_aware when its static halos move fewer bytes per device (K and V of
-    both halos and the summaries) than ulysses (q, k, v, out slices) or the heads do not split
-    for ulysses; else ulysses. Other strategies pass through."""
-    if strategy != "auto":
-        return strategy
-    c, t = mesh.shape["context"], mesh.shape.get("tensor", 1)
+def choose_strategy(spec: AttentionSpec, layout, mesh, rules, num_heads: int, halo) -> str:
+    """The strategy that runs: `full` mode has no sparsity to exploit and runs ulysses; `auto`
+    runs shot_aware when its static halos move fewer bytes per device (K and V of both halos and
+    the summaries) than ulysses (q, k, v, out slices) or the heads do not split for ulysses,
+    else ulysses; an explicit strategy runs as given."""
+    if spec.mode == "full":
+        return "ulysses"
+    if spec.context_strategy != "auto":
+        return spec.context_strategy
+    _, c, t = _split(mesh, rules)
     summaries = layout.max_shots * layout.summary_frames * layout.tokens_per_frame
-    moved = 2 * (sum(halo) + (summaries if mode == "sparse" else 0))
-    if num_heads % (c * t) and mode != "full":
+    moved = 2 * (sum(halo) + (summaries if spec.mode == "sparse" else 0))
+    if num_heads % (c * t) or moved < 4 * layout.num_tokens // c:
         return "shot_aware"
-    return "shot_aware" if moved < 4 * layout.num_tokens // c and mode != "full" else "ulysses"
+    return "ulysses"
 
 
 def _summary_keys(layout):
@@ -126,7 +153,7 @@ def _summary_keys(layout):
     return pos, shot
 
 
-def _from_neighbours(x, halo: int, n: int, c: int, side: str):
+def _from_neighbours(x, halo: int, n: int, c: int, side: str, axis: str):
     """The `halo` tokens before (side "left") or after ("right") this device's slice, from
     the devices that hold them (zeros past the film's ends). x: [b, n, h, D]."""
     pieces = []
@@ -138,66 +165,61 @@ def _from_neighbours(x, halo: int, n: int, c: int, side: str):
             piece, perm = x[:, n - size:], [(s, s + i) for s in range(c - i)]
         else:
             piece, perm = x[:, :size], [(s, s - i) for s in range(i, c)]
-        pieces.append(jax.lax.ppermute(piece, "context", perm))
+        pieces.append(jax.lax.ppermute(piece, axis, perm))
     return pieces
 
 
-def context_shot_attention(q, k, v, layout, *, mesh, strategy="ulysses", mode="sparse",
-                           impl="auto", summary_self_weight=2.0, block_q=128, block_kv=128,
-                           halo=None):
-    """Shot attention with the sequence split over `context` (see module doc). Returns
-    [B, L, H, D]. halo: shot_aware's static (left, right) halo in tokens (None: whole film)."""
-    from holocine_jax.attention.dispatch import attend_plan, shot_attention
+def context_attention(q, k, v, layout, spec: AttentionSpec, *, mesh, rules, strategy: str,
+                      halo=None):
+    """Shot attention with the sequence split over the rules' `sequence` axis (module doc).
 
+    q, k, v: [B, L, H, D] -> [B, L, H, D]. strategy: ulysses | shot_aware (resolved by the
+    dispatch); halo: shot_aware's static (left, right) halo in tokens (None: the whole film).
+    """
     b, length, heads, _ = q.shape
-    strategy = "ulysses" if mode == "full" else strategy
-    check_context_split(heads, length, mesh, strategy)
-    batch = _batch_axes(mesh, b)
-    tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
-    seq_spec = P(batch, "context", tensor, None)
+    check_context_split(heads, length, mesh, rules, strategy)
+    seq_spec, batch = _specs(mesh, rules, b)
+    seq, c, _ = _split(mesh, rules)
     layout = layout.broadcast_to_batch(b)
     layout_spec = jax.tree.map(lambda x: P(batch, *([None] * (x.ndim - 1))), layout)
-    local = dict(mode=mode, impl=impl, summary_self_weight=summary_self_weight, block_q=block_q,
-                 block_kv=block_kv)
 
     def ulysses(q, k, v, layout):
-        """[b, L/C, h, D] -> heads split over context -> [b, L, h/C, D] -> back."""
-        to_heads = lambda x: jax.lax.all_to_all(x, "context", 2, 1, tiled=True)
-        out = shot_attention(to_heads(q), to_heads(k), to_heads(v), layout, **local)
-        return jax.lax.all_to_all(out, "context", 1, 2, tiled=True)
+        """[b, L/C, h, D] -> heads split over the sequence axis -> [b, L, h/C, D] -> back."""
+        to_heads = lambda x: jax.lax.all_to_all(x, seq, 2, 1, tiled=True)
+        out = attend_local(to_heads(q), to_heads(k), to_heads(v), layout, spec)
+        return jax.lax.all_to_all(out, seq, 1, 2, tiled=True)
 
-    c = mesh.shape["context"]
     n = length // c
     halo_left, halo_right = halo if halo is not None else halo_tokens(layout, c, -1)
 
     def shot_aware(q, k, v, layout):
         """q, k, v: [b, n, h, D] this device's slice -> out [b, n, h, D]."""
-        start = jax.lax.axis_index("context") * n
+        start = jax.lax.axis_index(seq) * n
         shot = jnp.pad(layout.token_shot_id(), ((0, 0), (halo_left, halo_right)), constant_values=-1)
         summary = jnp.pad(layout.token_is_summary(), ((0, 0), (halo_left, halo_right)))
         window = n + halo_left + halo_right
         q_shot = jax.lax.dynamic_slice_in_dim(shot, start + halo_left, n, axis=1)
         keys = [jax.lax.dynamic_slice_in_dim(shot, start, window, axis=1)]
         flags = [jax.lax.dynamic_slice_in_dim(summary, start, window, axis=1)]
-        kv = [jnp.concatenate(_from_neighbours(x, halo_left, n, c, "left") + [x]
-                              + _from_neighbours(x, halo_right, n, c, "right"), axis=1)
+        kv = [jnp.concatenate(_from_neighbours(x, halo_left, n, c, "left", seq) + [x]
+                              + _from_neighbours(x, halo_right, n, c, "right", seq), axis=1)
               for x in (k, v)]
-        if mode == "sparse":
+        if spec.mode == "sparse":
             pos, owner_shot = _summary_keys(layout)
             local = pos - start
             mine = ((local >= 0) & (local < n))[..., None, None]
             idx = jnp.clip(local, 0, n - 1)[..., None, None]
             summaries = [jax.lax.psum(jnp.where(mine, jnp.take_along_axis(x, idx, axis=1), 0),
-                                      "context") for x in (k, v)]
+                                      seq) for x in (k, v)]
             seen = (pos >= start - halo_left) & (pos < start + n + halo_right)
             keys.append(jnp.where(seen, -1, owner_shot))
             flags.append(jnp.ones_like(seen))
             kv = [jnp.concatenate([w, s], axis=1) for w, s in zip(kv, summaries)]
         k_shot, k_summary = jnp.concatenate(keys, axis=1), jnp.concatenate(flags, axis=1)
-        plan = make_token_plan(q_shot, k_shot, k_summary, mode=mode, block_q=min(block_q, n),
-                               block_kv=min(block_kv, k_shot.shape[1]))
-        return attend_plan(q, kv[0], kv[1], plan, impl="xla" if impl == "reference" else impl,
-                           summary_self_weight=summary_self_weight)
+        plan = make_token_plan(q_shot, k_shot, k_summary, mode=spec.mode,
+                               block_q=min(spec.block_q, n),
+                               block_kv=min(spec.block_kv, k_shot.shape[1]))
+        return attend_plan(q, kv[0], kv[1], plan, spec)
 
     body = ulysses if strategy == "ulysses" else shot_aware
     return jax.shard_map(body, mesh=mesh, in_specs=(seq_spec,) * 3 + (layout_spec,),

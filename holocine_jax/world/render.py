@@ -1,21 +1,26 @@
-"""Vectorised numpy renderer of the toy-cinema world (see `synthetic.py` for the story).
+"""Vectorised numpy renderer of the toy-cinema world (the story is in `story.py`).
+
+    frames = render_film(spec, height=64, width=64)                  # uint8 [T, H, W, 3]
+    frames, spec = make_film(3, height=64, width=64, num_frames=33)  # sample, then render
 
 All frames of a film are drawn at once: per-frame parameters are [T] arrays, pixel coordinates
 broadcast to [T, H, W], and each scene element is one boolean mask painted in order (wall, floor,
 decoration, table, glass, liquid, character, bottle, stream). The scene lives in resolution-free
-units (x, y in [0, 1] for the widest view, y down), so any height/width renders the same film.
+units (x, y in [0, 1] for the widest view, y down), so any height/width renders the same film;
+rendering is a pure function of (spec, height, width).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from holocine_jax.data.synthetic import CAMERAS, COLOURS, ROOMS, FilmSpec
+from holocine_jax.world.story import CAMERAS, COLOURS, ROOMS, FilmSpec, sample_film
 
 LIQUID = (70, 160, 255)
 GLASS_RIM = (240, 244, 248)
 TABLE = (112, 72, 40)
 BOTTLE = (34, 60, 44)
 EYE, PUPIL = (250, 250, 250), (20, 20, 20)
+STRIPE_SHADE, BOARD_SHADE, MARK_SHADE = 0.86, 0.7, 0.5  # darker shades of wall, floor, body
 
 FLOOR_Y = 0.70
 RADIUS = 0.11                      # character half-size
@@ -68,20 +73,30 @@ def frame_params(spec: FilmSpec, aspect: float) -> dict[str, np.ndarray]:
  BODY, MARK, EYE_L, PUPIL_L, BOTTLE_L) = range(16)
 
 
+def room_colours(room: dict) -> tuple[np.ndarray, ...]:
+    """float32 RGB [3] of a room's wall, wallpaper stripe, floor and floor boards."""
+    wall = np.asarray(room["wall"], np.float32)
+    floor = np.asarray(room["floor"], np.float32)
+    return wall, wall * STRIPE_SHADE, floor, floor * BOARD_SHADE
+
+
+def mark_colour(colour: str) -> np.ndarray:
+    """uint8 RGB [3] of the pattern marks on a character of `colour` (a darker shade)."""
+    return (np.asarray(COLOURS[colour], np.float32) * MARK_SHADE).astype(np.uint8)
+
+
 def palette(spec: FilmSpec) -> np.ndarray:
     """[16, 3] uint8 RGB per label for the film's room and character."""
     room = ROOMS[spec.room]
-    wall = np.asarray(room["wall"], np.float32)
-    stripe = wall * 0.86
-    body = np.asarray(COLOURS[spec.colour], np.float32)
-    rows = [wall, stripe, wall * 0.75 + 64, stripe * 0.75 + 64, room["floor"],
-            np.asarray(room["floor"]) * 0.7, wall * 0.55, room["deco"], TABLE, LIQUID, GLASS_RIM,
-            body, body * 0.5, EYE, PUPIL, BOTTLE]
+    wall, stripe, floor, board = room_colours(room)
+    rows = [wall, stripe, wall * 0.75 + 64, stripe * 0.75 + 64, floor, board, wall * 0.55,
+            room["deco"], TABLE, LIQUID, GLASS_RIM, COLOURS[spec.colour], mark_colour(spec.colour),
+            EYE, PUPIL, BOTTLE]
     return np.stack([np.asarray(r, np.float32) for r in rows]).astype(np.uint8)
 
 
-def render(spec: FilmSpec, height: int, width: int) -> np.ndarray:
-    """uint8 [T, H, W, 3] frames of `spec` at height x width."""
+def render_film(spec: FilmSpec, *, height: int = 64, width: int = 64) -> np.ndarray:
+    """uint8 [T, H, W, 3] frames of `spec` at height x width (any resolution >= 8x8)."""
     if height < 8 or width < 8:
         raise ValueError(f"resolution {height}x{width} too small (need >= 8x8)")
     aspect = width / height
@@ -129,6 +144,13 @@ def render(spec: FilmSpec, height: int, width: int) -> np.ndarray:
     stream = (np.abs(x - mouth_x) <= 0.006) & (y >= mouth_y) & (y < surface)
     paint(stream & (col(p["stream"]) > 0), LIQUID_L)
     return np.take(palette(spec), lab, axis=0)
+
+
+def make_film(seed: int, *, height: int = 64, width: int = 64, num_frames: int = 33,
+              **kwargs) -> tuple[np.ndarray, FilmSpec]:
+    """(frames uint8 [T, H, W, 3], spec) for a seed; kwargs go to `sample_film`."""
+    spec = sample_film(seed, num_frames=num_frames, **kwargs)
+    return render_film(spec, height=height, width=width), spec
 
 
 def _paint_character(paint, spec: FilmSpec, x, y, cx, cy, s: float) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from holocine_jax.cli import main
 from holocine_jax.config import load_config
-from holocine_jax.parallel.compile import compile_report, over_budget
+from holocine_jax.compile import compile_report, over_budget
 
 pytestmark = [pytest.mark.tpu_aot,
               pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -9,16 +9,24 @@ import numpy as np
 import pytest
 
 from attention.test_xla import random_layouts
-from holocine_jax.attention import shot_attention
+from holocine_jax.attention import AttentionSpec, shot_attention
+from holocine_jax.attention.context import check_halo, context_attention, required_halo
 from holocine_jax.attention.reference import shot_attention_reference
+from holocine_jax.config import load_config
 from holocine_jax.parallel import make_mesh
-from holocine_jax.parallel.context import check_halo, context_shot_attention, required_halo
 from holocine_jax.parallel.hlo import collective_bytes
 from holocine_jax.shots import ShotLayout
 
 B, F, HW, H, D = 2, 6, (4, 4), 8, 8     # L = 96: 12 tokens per device at context 8 (3/4 frame)
 L = F * HW[0] * HW[1]
 MESHES = [(1, 1, 2, 1), (1, 1, 8, 1), (1, 2, 4, 1), (2, 1, 2, 2)]
+RULES = load_config("tiny").mesh.rules
+
+
+def context_shot_attention(q, k, v, layout, *, mesh, strategy="ulysses", halo=None, **spec):
+    """The context path with a resolved strategy and the configs' rule table."""
+    return context_attention(q, k, v, layout, AttentionSpec(**spec), mesh=mesh, rules=RULES,
+                             strategy=strategy, halo=halo)
 
 
 def mesh_of(sizes):
@@ -59,8 +67,8 @@ def test_context_attention_equals_reference(sizes, mode, strategy):
 
     @jax.jit
     def sharded(q, k, v, ct, layout):
-        attend = functools.partial(context_shot_attention, layout=layout, mesh=mesh, mode=mode,
-                                   impl="xla", block_q=16, block_kv=16, strategy=strategy)
+        attend = functools.partial(shot_attention, layout=layout, mode=mode, impl="xla",
+                                   block_q=16, block_kv=16, context_strategy=strategy, rules=RULES)
         return out_and_grads(attend, q, k, v, ct)
 
     with jax.set_mesh(mesh):
@@ -129,7 +137,7 @@ def test_shot_aware_moves_near_the_minimum_and_less_than_ulysses(context, frames
     assert ours < theirs, moved
     # `auto` with the whole film as halo (the default) picks ulysses, which moves less
     f = jax.jit(lambda q, k, v, l: shot_attention(q, k, v, l, impl="xla", block_q=16, block_kv=16,
-                                                   context_strategy="auto"))
+                                                   context_strategy="auto", rules=RULES))
     with jax.set_mesh(mesh):
         assert collective_bytes(f.lower(x, x, x, layout).compile().as_text()) == moved["ulysses"]
 

@@ -1,4 +1,4 @@
-"""Read the synthetic world's attributes back from pixels (DESIGN §9, §12).
+"""Read the world's attributes back from pixels (DESIGN §9, §12).
 
 `read_shot(frames)` recovers, from one shot's frames alone, what `FilmSpec.shot_attributes()`
 states: the character's colour, pattern and shape, the room, the entry side, the glass state and
@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from holocine_jax.data.synthetic import COLOURS, PATTERNS, ROOMS, SHAPES
-from holocine_jax.data.synthetic_render import BOTTLE, GLASS_RIM, LIQUID, TABLE
+from holocine_jax.shots import shot_bounds
+from holocine_jax.world.captions import ENTRY_SIDES, SHAPES
+from holocine_jax.world.render import BOTTLE, GLASS_RIM, LIQUID, TABLE, mark_colour, room_colours
+from holocine_jax.world.story import COLOURS, PATTERNS, ROOMS
 
 COLOUR_TOL, MARK_TOL, SCENE_TOL = 40.0, 22.0, 14.0
 SHADE_MIN = 0.7     # darkest shade of a character colour that still counts as that colour
@@ -122,7 +124,7 @@ def read_shot(frames: np.ndarray) -> dict:
     nearest = shade.argmin(0)
     shaded = {name: (nearest == i) & (shade[i] <= COLOUR_TOL) for i, name in enumerate(COLOURS)}
     counts = {name: m.sum() for name, m in shaded.items()}
-    room_votes = {name: sum(_near(frames, rgb, SCENE_TOL).sum() for rgb in _room_colours(r))
+    room_votes = {name: sum(_near(frames, rgb, SCENE_TOL).sum() for rgb in room_colours(r))
                   for name, r in ROOMS.items()}
     out["room"] = max(room_votes, key=room_votes.get) if max(room_votes.values()) else None
     colour = max(counts, key=counts.get)
@@ -130,7 +132,7 @@ def read_shot(frames: np.ndarray) -> dict:
         return out
     out["colour"] = colour
     rgb = np.asarray(COLOURS[colour], np.float32)
-    mark_rgb = (rgb * 0.5).astype(np.uint8)
+    mark_rgb = mark_colour(colour)
     body, mark = _near(frames, rgb, COLOUR_TOL), _near(frames, mark_rgb, MARK_TOL)
     crisp = _near(frames, rgb, CRISP_TOL) | _near(frames, mark_rgb, CRISP_TOL)
     shape_votes, sides, heights, glasses, patterns, water, bottle = {}, [], [], [], [], [], 0
@@ -170,7 +172,7 @@ def read_shot(frames: np.ndarray) -> dict:
     if patterns:
         out["pattern"] = max(PATTERNS, key=patterns.count)
     if sides:
-        out["entry_side"] = max(("left", "right"), key=sides.count)
+        out["entry_side"] = max(ENTRY_SIDES, key=sides.count)
     if glasses or heights:
         close = (glasses and np.median(glasses) >= CLOSE_UP_GLASS) or (
             heights and np.median(heights) >= CLOSE_UP_HEIGHT)
@@ -186,13 +188,6 @@ def read_shot(frames: np.ndarray) -> dict:
     return out
 
 
-def _room_colours(room: dict):
-    wall = np.asarray(room["wall"], np.float32)
-    floor = np.asarray(room["floor"], np.float32)
-    return [wall, wall * 0.86, floor, floor * 0.7]
-
-
 def read_film(frames: np.ndarray, cut_frames) -> list[dict]:
     """`read_shot` for every shot of a film cut at `cut_frames` (first frames of shots 2..K)."""
-    edges = [0, *[int(c) for c in cut_frames], len(frames)]
-    return [read_shot(frames[a:b]) for a, b in zip(edges, edges[1:])]
+    return [read_shot(frames[a:b]) for a, b in shot_bounds(len(frames), cut_frames)]

@@ -1,11 +1,11 @@
-"""The attribute reader recovers the synthetic world's ground truth from rendered pixels."""
+"""The attribute reader recovers the world's ground truth from rendered pixels."""
 import collections
 
 import numpy as np
 import pytest
 
-from holocine_jax.data import synthetic as syn
-from holocine_jax.eval.attributes import read_film, read_shot
+from holocine_jax import world
+from holocine_jax.world import read_film, read_shot
 
 KEYS = ("colour", "pattern", "shape", "room", "entry_side", "glass", "framing")
 
@@ -14,7 +14,7 @@ KEYS = ("colour", "pattern", "shape", "room", "entry_side", "glass", "framing")
 def test_reader_recovers_ground_truth_renders(size, num_frames, seeds):
     wrong, unread, shots = collections.Counter(), collections.Counter(), 0
     for seed in range(seeds):
-        frames, spec = syn.make_film(seed, height=size, width=size, num_frames=num_frames)
+        frames, spec = world.make_film(seed, height=size, width=size, num_frames=num_frames)
         for got, truth, shot in zip(read_film(frames, spec.cut_frames), spec.shot_attributes(),
                                     spec.shots):
             shots += 1
@@ -31,13 +31,13 @@ def test_reader_recovers_ground_truth_renders(size, num_frames, seeds):
 
 def test_reader_sees_changed_attributes():
     """Swapping the colour, room or pattern of a film changes exactly that reading."""
-    spec = syn.sample_film(5, num_frames=33)
-    base = read_shot(syn.render_film(spec))
+    spec = world.sample_film(5, num_frames=33)
+    base = read_shot(world.render_film(spec))
     for field, value in (("colour", "purple" if spec.colour != "purple" else "red"),
                          ("room", "office" if spec.room != "office" else "kitchen"),
                          ("entry_side", "left" if spec.entry_side == "right" else "right")):
-        changed = syn.FilmSpec.from_dict({**spec.to_dict(), field: value})
-        got = read_shot(syn.render_film(changed))
+        changed = world.FilmSpec.from_dict({**spec.to_dict(), field: value})
+        got = read_shot(world.render_film(changed))
         assert got[field] == value and got[field] != base[field]
 
 
@@ -63,7 +63,7 @@ def test_reader_through_the_tiny_autoencoder_reads_colour_and_abstains_on_blur()
     vae = make_vae(load_config("tiny"))
     same, wrong, read, total = [], collections.Counter(), collections.Counter(), 0
     for seed in range(16):
-        frames, spec = syn.make_film(seed, height=64, width=64, num_frames=33, shot_range=(2, 4))
+        frames, spec = world.make_film(seed, height=64, width=64, num_frames=33, shot_range=(2, 4))
         z = vae.encode(jnp.asarray(frames[None], jnp.float32) / 127.5 - 1.0)
         video = to_uint8(vae.decode(z)[0])
         shots = read_film(video, spec.cut_frames)

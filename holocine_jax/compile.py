@@ -27,8 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from holocine_jax.model import WanDiT
 from holocine_jax.parallel.hlo import collective_bytes
 from holocine_jax.parallel.mesh import batch_shardings, make_mesh, state_shardings
-from holocine_jax.sample.sampler import latent_shape
-from holocine_jax.shots import ShotLayout, even_cuts
+from holocine_jax.shots import ShotLayout, even_cuts, latent_shape
 
 # Per chip, from the Cloud TPU system-architecture pages: HBM bytes, bf16 peak FLOP/s, HBM
 # bandwidth (B/s), ICI bandwidth (B/s, all links together).
@@ -52,16 +51,13 @@ def topology_devices(topology: str):
 
 
 def film_layout(config, num_shots: int, batch: int) -> ShotLayout:
-    """A concrete layout of `num_shots` even shots with caption windows, broadcast to `batch`."""
-    _, _, h, w, _ = latent_shape(config, 1)
-    _, ph, pw = config.model.patch_size
+    """A concrete layout of `num_shots` even shots with synthetic caption windows (the first
+    half of the text split evenly), broadcast to `batch`."""
     bounds = np.linspace(0, config.model.text_len // 2, num_shots + 2).astype(np.int32)
-    frames = config.video.num_frames
-    return ShotLayout.from_cuts(frames, even_cuts(frames, num_shots) if num_shots > 1 else [],
-                                latent_hw=(h // ph, w // pw), max_shots=config.shots.max_shots,
-                                text_windows=np.stack([bounds[:-1], bounds[1:]], axis=1),
-                                text_pad_start=int(bounds[-1]),
-                                summary_frames=config.shots.summary_frames).broadcast_to_batch(batch)
+    layout = ShotLayout.for_config(config, even_cuts(config.video.num_frames, num_shots),
+                                   text_windows=np.stack([bounds[:-1], bounds[1:]], axis=1),
+                                   text_pad_start=int(bounds[-1]))
+    return layout.broadcast_to_batch(batch)
 
 
 def model_flops(config, layout: ShotLayout) -> float:
@@ -89,8 +85,7 @@ def abstract_batch(config, mesh, *, num_shots: int):
     batch = dict(latents=jax.ShapeDtypeStruct(shape, jnp.float32),
                  text_states=jax.ShapeDtypeStruct((b, text_len, config.model.text_dim), jnp.float32),
                  layout=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layout))
-    shardings = batch_shardings(batch, mesh, config.mesh.rules)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch, shardings)
+    return _with_shardings(batch, batch_shardings(batch, mesh, config.mesh.rules))
 
 
 def _with_shardings(tree, shardings):
@@ -102,7 +97,7 @@ def compile_train_step(config, mesh, *, num_shots: int):
     from holocine_jax.train.state import init_train_state, split_model
     from holocine_jax.train.step import make_train_step
 
-    graphdef, params, rest = split_model(nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(0))))
+    graphdef, params, rest = split_model(nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(0))))
     state = jax.eval_shape(lambda p: init_train_state(config, p), params)
     sharding = state_shardings(state, mesh, config.mesh.rules)
     batch = abstract_batch(config, mesh, num_shots=num_shots)
@@ -115,9 +110,9 @@ def compile_train_step(config, mesh, *, num_shots: int):
 
 def compile_sample_step(config, mesh, *, num_shots: int):
     """(compiled guided denoising step (both CFG passes in one batch), its abstract arguments)."""
-    from holocine_jax.sample.sampler import _denoise_step, scheduler_from_config
+    from holocine_jax.sample.sampler import denoise_step, scheduler_from_config
 
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(0))))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(0))))
     params_sh = state_shardings(params, mesh, config.mesh.rules)
     batch = abstract_batch(config, mesh, num_shots=num_shots)
     scheduler = scheduler_from_config(config)
@@ -127,7 +122,7 @@ def compile_sample_step(config, mesh, *, num_shots: int):
         batch["latents"].sharding if x.shape == batch["latents"].shape else replicated)), state)
     negative_layout = _with_shardings(jax.eval_shape(lambda l: l.without_text_windows(), batch["layout"]),
                                       jax.tree.map(lambda x: x.sharding, batch["layout"]))
-    step = jax.jit(functools.partial(_denoise_step, graphdef, scheduler,
+    step = jax.jit(functools.partial(denoise_step, graphdef, scheduler,
                                      float(np.max(config.sample.guidance_scale))))
     args = (_with_shardings(params, params_sh), state, batch["latents"],
             jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), batch["text_states"],
@@ -194,9 +189,9 @@ def compile_report(config, topology: str, *, num_shots: int = 5, programs=("trai
 def check_divisibility(config, mesh) -> None:
     """Clear errors before compiling: heads vs tensor (x context for ulysses), tokens vs context."""
     m, sizes = config.model, dict(mesh.shape)
-    _, f, h, w, _ = latent_shape(config, 1)
-    pt, ph, pw = m.patch_size
-    tokens = (f // pt) * (h // ph) * (w // pw)
+    film = ShotLayout.for_config(config, [])
+    frames = film.num_latent_frames // m.patch_size[0]
+    tokens = frames * film.tokens_per_frame
     if m.num_heads % sizes["tensor"]:
         raise ValueError(f"config.model.num_heads={m.num_heads} is not divisible by "
                          f"config.mesh.tensor={sizes['tensor']}")
@@ -205,8 +200,8 @@ def check_divisibility(config, mesh) -> None:
                          f"{m.num_heads} is not divisible by tensor x context = "
                          f"{sizes['tensor']} x {sizes['context']}")
     if tokens % sizes["context"]:
-        raise ValueError(f"the film has {tokens} tokens ({f // pt} latent frames x "
-                         f"{(h // ph) * (w // pw)}), not divisible by config.mesh.context="
+        raise ValueError(f"the film has {tokens} tokens ({frames} latent frames x "
+                         f"{film.tokens_per_frame}), not divisible by config.mesh.context="
                          f"{sizes['context']}")
 
 

@@ -1,32 +1,32 @@
-"""The toy-cinema world (DESIGN §9): multi-shot films with exact ground truth.
+"""The film spec of the toy-cinema world and its sampling (DESIGN §9).
 
 A character (shape, colour, pattern) enters a room (wall/floor/decoration) from its entry side,
 stops beside a table with an empty glass, pours water into it and stands beside the full glass.
 Films have 2-5 shots; shot 1 is a wide shot of the entrance, later shots are wide or close-up.
-Captions name actions and framing (and the shape) but never the colour, pattern or room, so only
-joint generation of all shots can keep those consistent.
+The tables here hold what captions never name (colour, pattern, room) and the cameras; what they
+do name lives in `captions.py`.
 
-    spec = sample_film(seed=3, num_frames=33)          # FilmSpec: captions, cuts, attributes
-    frames = render_film(spec, height=64, width=64)    # uint8 [T, H, W, 3]
-    frames, spec = make_film(3, height=64, width=64, num_frames=33)
+    spec = sample_film(seed=3, num_frames=33)   # FilmSpec: captions, cuts, attributes
 
-Cuts follow Wan's latent geometry (DESIGN §3): shots start at pixel frames 4t+1, and a cut at
-pixel frame p starts latent frame (p - 1)//4 + 1. Everything is a pure function of the seed
-(numpy Generator, no global RNG); rendering is a pure function of (spec, height, width).
+Cuts follow Wan's latent geometry (`holocine_jax.shots`): shots start at pixel frames 4t+1 and are
+at least `min_shot_latents` latent frames long. A spec is a pure function of the seed (numpy
+Generator, no global RNG).
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
+
+from holocine_jax.shots import latent_num_frames, latent_to_pixel_cut
+from holocine_jax.world.captions import (ACTION_GLASS, ENTRY_SIDES, FRAMINGS, SHAPES,
+                                         global_caption, shot_caption)
 
 # Saturated character colours (RGB). Rooms use muted colours, so the palettes never collide.
 COLOURS = {
     "red": (220, 40, 40), "orange": (240, 140, 20), "yellow": (235, 215, 30),
     "green": (40, 170, 60), "blue": (40, 80, 220), "purple": (150, 50, 200),
 }
-SHAPES = ("circle", "square", "triangle", "diamond")
 PATTERNS = ("solid", "stripes", "dots", "checks")
 # Room: wall, floor, decoration colour, decoration box (x0, y0, x1, y1) in scene units,
 # wallpaper stripe period (scene units).
@@ -40,11 +40,6 @@ ROOMS = {
     "studio": dict(wall=(186, 206, 172), floor=(204, 190, 166), deco=(120, 70, 90),
                    box=(0.70, 0.16, 0.86, 0.44), period=0.12),
 }
-ENTRY_SIDES = ("left", "right")
-FRAMINGS = ("wide", "close-up")
-ACTIONS = ("enter", "look", "pour", "rest")
-GLASS_STATES = ("empty", "filling", "full")
-ACTION_GLASS = {"enter": "empty", "look": "empty", "pour": "filling", "rest": "full"}
 MAX_SHOTS = 5
 # Cameras (cx, cy, half_height) in scene units; close-up cx is an offset from the midpoint of
 # character and glass, mirrored with the entry side. Scene: x, y in [0, 1] (y down), floor y > 0.7.
@@ -52,15 +47,6 @@ CAMERAS = {
     "wide": ((0.50, 0.50, 0.50), (0.41, 0.53, 0.43), (0.60, 0.56, 0.37)),
     "close-up": ((0.0, 0.62, 0.22), (0.05, 0.58, 0.17)),
 }
-
-_FRAMING_WORDS = {"wide": "Wide shot", "close-up": "Close-up"}
-_SHOT_TEMPLATES = {
-    "enter": "{framing}: the {shape} enters from the {side} and stops beside an empty glass on a table.",
-    "look": "{framing}: the {shape} looks at the empty glass.",
-    "pour": "{framing}: the {shape} pours water into the glass.",
-    "rest": "{framing}: the {shape} stands beside the full glass.",
-}
-_GLOBAL_TEMPLATE = "A {shape} walks into a room, fills a glass with water and waits beside it."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,20 +114,10 @@ class FilmSpec:
         return cls(**kw)
 
 
-def latent_frames(num_frames: int) -> int:
-    """Wan latent frame count of `num_frames` pixel frames: (n - 1)//4 + 1."""
-    return (num_frames - 1) // 4 + 1
-
-
-def cut_to_latent(p: int) -> int:
-    """The latent frame that a cut at pixel frame p starts: (p - 1)//4 + 1."""
-    return (p - 1) // 4 + 1
-
-
 def sample_cuts(rng: np.random.Generator, num_frames: int, num_shots: int,
                 min_shot_latents: int = 2) -> tuple[int, ...]:
     """Random pixel cut frames (4t+1) for `num_shots` shots of >= min_shot_latents latent frames."""
-    f = latent_frames(num_frames)
+    f = latent_num_frames(num_frames)
     extra = f - num_shots * min_shot_latents
     if extra < 0:
         raise ValueError(f"{num_frames} frames ({f} latent) cannot hold {num_shots} shots of "
@@ -150,7 +126,7 @@ def sample_cuts(rng: np.random.Generator, num_frames: int, num_shots: int,
     bars = np.sort(rng.choice(extra + num_shots - 1, size=num_shots - 1, replace=False))
     lengths = np.diff(np.concatenate([[-1], bars, [extra + num_shots - 1]])) - 1 + min_shot_latents
     latent_starts = np.cumsum(lengths)[:-1]
-    return tuple(int(4 * (s - 1) + 1) for s in latent_starts)
+    return tuple(latent_to_pixel_cut(s) for s in latent_starts)
 
 
 def _story(rng: np.random.Generator, num_shots: int) -> list[str]:
@@ -163,10 +139,10 @@ def sample_film(seed: int | np.random.Generator, *, num_frames: int = 33,
                 num_shots: int | None = None, shot_range: tuple[int, int] = (2, MAX_SHOTS),
                 min_shot_latents: int = 2) -> FilmSpec:
     """Sample a film's spec. `num_shots=None` draws from `shot_range` (inclusive), capped by
-    what `num_frames` can hold with shots of at least `min_shot_latents` latent frames."""
+    what `num_frames` (4t+1) can hold with shots of at least `min_shot_latents` latent frames."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     seed_value = int(seed) if not isinstance(seed, np.random.Generator) else -1
-    fit = latent_frames(num_frames) // min_shot_latents
+    fit = latent_num_frames(num_frames) // min_shot_latents
     if num_shots is None:
         lo, hi = shot_range
         hi = min(hi, fit)
@@ -189,32 +165,8 @@ def sample_film(seed: int | np.random.Generator, *, num_frames: int = 33,
         choices = [i for i in range(len(CAMERAS[framing])) if prev != (framing, i)]
         camera = 0 if k == 0 else int(choices[rng.integers(len(choices))])  # establishing shot
         prev = (framing, camera)
-        caption = _SHOT_TEMPLATES[action].format(
-            framing=_FRAMING_WORDS[framing], shape=shape, side=side)
         shots.append(Shot(bounds[k], bounds[k + 1], action, framing, ACTION_GLASS[action],
-                          camera, caption))
+                          camera, shot_caption(action, framing, shape, side)))
     return FilmSpec(seed=seed_value, num_frames=num_frames, shape=shape, colour=colour,
                     pattern=pattern, room=room, entry_side=side, phase=phase,
-                    global_caption=_GLOBAL_TEMPLATE.format(shape=shape), shots=tuple(shots))
-
-
-def render_film(spec: FilmSpec, *, height: int = 64, width: int = 64) -> np.ndarray:
-    """uint8 [T, H, W, 3] frames of the film at any resolution."""
-    from holocine_jax.data.synthetic_render import render
-
-    return render(spec, height, width)
-
-
-def make_film(seed: int, *, height: int = 64, width: int = 64, num_frames: int = 33,
-              **kwargs) -> tuple[np.ndarray, FilmSpec]:
-    """(frames uint8 [T, H, W, 3], spec) for a seed; kwargs go to `sample_film`."""
-    spec = sample_film(seed, num_frames=num_frames, **kwargs)
-    return render_film(spec, height=height, width=width), spec
-
-
-def caption_vocabulary() -> tuple[str, ...]:
-    """Every word (lower case, punctuation split off) any caption of the world can use."""
-    texts = [_GLOBAL_TEMPLATE.format(shape=s) for s in SHAPES]
-    texts += [t.format(framing=f, shape=s, side=side) for t in _SHOT_TEMPLATES.values()
-              for f in _FRAMING_WORDS.values() for s in SHAPES for side in ENTRY_SIDES]
-    return tuple(sorted({w for t in texts for w in re.findall(r"[\w-]+|[^\w\s]", t.lower())}))
+                    global_caption=global_caption(shape), shots=tuple(shots))

@@ -65,10 +65,9 @@ def _split(mesh, rules):
 def _specs(mesh, rules, batch: int):
     """shard_map specs from the rules: ([B, L, H, D] activations, the batch entry)."""
     spec = logical_spec(("batch", "sequence", "heads", None), rules, mesh)
-    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
-    if axes and batch % math.prod(mesh.shape[a] for a in axes):
-        raise ValueError(f"batch {batch} is not divisible by the mesh's batch axes {axes} "
-                         f"({[mesh.shape[a] for a in axes]})")
+    if batch % _ways(mesh, spec[0]):
+        raise ValueError(f"batch {batch} is not divisible by the mesh's batch axes {spec[0]} "
+                         f"({_ways(mesh, spec[0])} ways)")
     return spec, spec[0]
 
 

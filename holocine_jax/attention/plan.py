@@ -121,7 +121,7 @@ def _compress(active, full):
             jnp.sum(active, axis=-1, dtype=jnp.int32))
 
 
-def make_plan(layout, *, mode="sparse", block_q=128, block_kv=128) -> BlockPlan:
+def make_plan(layout, *, mode="sparse", block_q: int, block_kv: int) -> BlockPlan:
     """The block plan of a batched layout for `mode` (jittable, fixed shapes)."""
     shot = layout.token_shot_id()
     if shot.ndim != 2:
@@ -130,8 +130,8 @@ def make_plan(layout, *, mode="sparse", block_q=128, block_kv=128) -> BlockPlan:
                            block_kv=block_kv)
 
 
-def make_token_plan(q_shot, k_shot, k_summary, *, mode="sparse", block_q=128,
-                    block_kv=128) -> BlockPlan:
+def make_token_plan(q_shot, k_shot, k_summary, *, mode="sparse", block_q: int,
+                    block_kv: int) -> BlockPlan:
     """The block plan of queries and keys given as per-token vectors: q_shot [B, Lq], k_shot /
     k_summary [B, Lk] (shot id -1: a token that allows nothing). `make_plan` is the case q = k =
     the film; context parallelism uses a device's slice against the keys it gathered. The

@@ -34,7 +34,7 @@ def same_params(config, **model_fields):
 
 
 @pytest.mark.parametrize("fields", [dict(scan_layers=False), dict(remat="nothing_saveable"),
-                                    dict(remat="dots_saveable")])
+                                    pytest.param(dict(remat="dots_saveable"), marks=pytest.mark.slow)])
 def test_unrolled_and_remat_match_scan(fields):
     base, other = same_params(tiny_config(num_layers=3), num_layers=3, **fields)
     (l0, g0), (l1, g1) = loss_and_grads(base), loss_and_grads(other)

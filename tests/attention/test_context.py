@@ -150,3 +150,22 @@ def test_required_halo_is_checked_per_batch():
     with pytest.raises(ValueError, match="overhangs its context slice by 128 tokens .8 latent frames. "
                                          "but config.attention.context_halo_frames=4"):
         check_halo(layout, 4, 4)
+
+
+def test_the_rule_table_places_the_sequence():
+    """The shard_map specs come from `config.mesh.rules`: a table that splits the sequence over
+    the `fsdp` axis (and the batch over `data` only) runs context parallelism there — the same
+    numbers as the reference and all-to-alls in the program — and without rules a mesh that
+    splits the sequence is refused."""
+    q, k, v, ct, layout = inputs(seed=4)
+    rules = (("batch", "data"), ("sequence", "fsdp"), ("heads", "tensor"))
+    mesh = mesh_of((1, 8, 1, 1))
+    attend = jax.jit(lambda q, k, v, l: shot_attention(q, k, v, l, impl="xla", block_q=16,
+                                                        block_kv=16, rules=rules))
+    want = shot_attention_reference(q, k, v, layout, mode="sparse")
+    with jax.set_mesh(mesh):
+        assert rel_err(attend(q, k, v, layout), want) <= 1e-5
+        moved = collective_bytes(attend.lower(q, k, v, layout).compile().as_text())
+    assert moved.get("all-to-all", 0) == 4 * B * (L // 8) * H * D * 4, moved
+    with jax.set_mesh(mesh_of((1, 1, 8, 1))), pytest.raises(ValueError, match="pass rules="):
+        shot_attention(q, k, v, layout)

@@ -26,6 +26,7 @@ setup(
         "importlib_resources>=6",
         "grain>=0.2.18",
         "tokenizers>=0.20",              # local tokenizer.json files and the synthetic world's tokenizer
+        "ftfy>=6.1",                     # prompt cleaning as the official prompter (fix_text)
         "tensorboardX>=2.6",             # TensorBoard event files behind clu's metric writers (no TF)
         "Pillow>=10",                    # contact sheets
         "absl-py>=2",

@@ -1,7 +1,9 @@
 """`holocine-jax` command line: demo | train | sample | eval | import | export | data | compile.
 
 Every command takes `--config NAME|PATH` and `--config.key=value` overrides, and prints a
-one-line summary of what it wrote.
+one-line summary of what it wrote. A user error (the rule: USER_ERRORS / `user_error`) ends in
+one line `holocine-jax <command>: error: <message>` and exit status 2; `--debug` or
+HOLOCINE_DEBUG=1 shows its traceback too.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 from holocine_jax.config import apply_override, load_config
 
@@ -18,27 +21,32 @@ def cmd_import(args, overrides) -> str:
     import jax
     from flax import nnx
 
-    from holocine_jax.checkpoint import save_params
+    from holocine_jax.checkpoint import save_params, with_expert
     from holocine_jax.convert import load_diffusers, load_official
 
-    config = load_config(args.config, overrides)
+    config = with_expert(load_config(args.config, overrides), args.expert)  # stored in config.json
     load = load_diffusers if args.format == "diffusers" else load_official
     model = load(args.src, config, expert=args.expert)  # validates every tensor before writing
     save_params(model, args.out, config)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return f"imported {args.format} weights from {args.src} ({n / 1e6:.1f}M parameters) into {args.out}"
+    what = f"the {args.expert} expert's weights" if args.expert else "weights"
+    return f"imported {args.format} {what} from {args.src} ({n / 1e6:.1f}M parameters) into {args.out}"
 
 
 def cmd_export(args, overrides) -> str:
-    from holocine_jax.checkpoint import load_config_json, load_params
+    from holocine_jax.checkpoint import load_config_json, load_params, stored_expert
     from holocine_jax.convert import save_diffusers, save_official
 
+    expert = stored_expert(args.checkpoint, args.expert)  # A14B: the folder follows config.json
     config = load_config_json(args.checkpoint)
     for item in overrides:  # the architecture comes from the checkpoint; overrides adjust the rest
         apply_override(config, item)
+    if config.get("expert") != expert:
+        raise ValueError(f"--config.expert={config.expert} disagrees with {args.checkpoint!r}, "
+                         f"which holds the {expert!r} expert (its config.json)")
     model = load_params(args.checkpoint, config)
     save = save_diffusers if args.format == "diffusers" else save_official
-    out = save(model, args.out, expert=args.expert, dtype=args.dtype)
+    out = save(model, args.out, expert=expert, dtype=args.dtype)
     return f"exported {args.checkpoint} as {args.format} safetensors to {out}"
 
 
@@ -74,32 +82,44 @@ def cmd_train(args, overrides) -> str:
 
 def cmd_sample(args, overrides) -> str:
     from holocine_jax.checkpoint import load_config_json
+    from holocine_jax.prompts import build_prompt
     from holocine_jax.sample.run import FilmRequest, read_prompt_file, run_sample
 
+    if (args.global_caption is None) != (args.shot_caption is None):
+        raise ValueError("--global-caption and --shot-caption go together (one --shot-caption "
+                         "per shot)")
+    if args.prompt_file and (args.cuts or args.frames is not None or args.seed is not None):
+        raise ValueError("--cuts, --frames and --seed go with --prompt or --global-caption; a "
+                         "--prompt-file gives them per line")
+    try:
+        cuts = tuple(int(c) for c in args.cuts.split(",")) if args.cuts else None
+    except ValueError:
+        raise ValueError(f"--cuts must be comma-separated pixel frames, got {args.cuts!r}"
+                         ) from None
     first = args.checkpoint[0]
     config = load_config_json(first) if args.config is None else load_config(args.config)
     for item in overrides:
         apply_override(config, item)
-    if (args.prompt is None) == (args.prompt_file is None):
-        raise SystemExit("sample: give exactly one of --prompt TEXT and --prompt-file F.jsonl")
     if args.prompt_file:
         films = read_prompt_file(args.prompt_file)
     else:
-        cuts = tuple(int(c) for c in args.cuts.split(",")) if args.cuts else None
-        films = [FilmRequest(args.prompt, cuts, args.frames, args.seed)]
+        prompt = args.prompt if args.prompt is not None else build_prompt(args.global_caption,
+                                                                           args.shot_caption)
+        films = [FilmRequest(prompt, cuts, args.frames, args.seed)]
     written = run_sample(config, first if len(args.checkpoint) == 1 else args.checkpoint, films,
                          args.out)
     return f"sampled {len(written)} film(s) into {args.out}: " + ", ".join(w["mp4"] for w in written)
 
 
 def cmd_eval(args, overrides) -> str:
-    from holocine_jax.checkpoint import load_config_json
+    from holocine_jax.checkpoint import checkpoint_dirs, load_config_json
     from holocine_jax.eval.job import run_eval
 
-    config = load_config_json(args.checkpoint) if args.config is None else load_config(args.config)
+    paths = checkpoint_dirs(args.checkpoint)  # one directory, HIGH LOW, or a run directory
+    config = load_config_json(paths[0]) if args.config is None else load_config(args.config)
     for item in overrides:
         apply_override(config, item)
-    results = run_eval(config, args.checkpoint, args.data, args.workdir)
+    results = run_eval(config, paths, args.data, args.workdir)
     return (f"evaluated {len(results)} new checkpoint step(s) {sorted(results)}; metrics.json per "
             f"step under {args.workdir}/eval")
 
@@ -170,14 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sample":
             p.add_argument("--checkpoint", required=True, action="append",
                            help="checkpoint directory; A14B: --checkpoint HIGH --checkpoint LOW")
-            p.add_argument("--prompt", help="a HoloCine-format prompt")
-            p.add_argument("--cuts", help="pixel cut frames, e.g. 37,73 (default: even)")
+            text = p.add_mutually_exclusive_group(required=True)
+            text.add_argument("--prompt", help="a HoloCine-format prompt ([global caption] ... "
+                              "[per shot caption] ... [shot cut] ...)")
+            text.add_argument("--global-caption", help="the global caption; with one "
+                              "--shot-caption per shot, builds the HoloCine prompt")
+            text.add_argument("--prompt-file", help="JSONL, one film per line: 'prompt', or "
+                              "'global_caption' + 'shots' (strings or {caption, start})")
+            p.add_argument("--shot-caption", action="append",
+                           help="a shot's caption, once per shot in order (with --global-caption)")
+            p.add_argument("--cuts", help="pixel cut frames, e.g. 37,73, snapped to the nearest "
+                           "4t+1 as the official scripts (default: even)")
             p.add_argument("--frames", type=int, help="pixel frames, 4t+1 (default: config)")
             p.add_argument("--seed", type=int)
-            p.add_argument("--prompt-file", help="JSONL, one film per line")
             p.add_argument("--out", required=True)
         else:
-            p.add_argument("--checkpoint", required=True)
+            p.add_argument("--checkpoint", required=True, action="append",
+                           help="checkpoint directory (every new step); A14B: --checkpoint HIGH "
+                           "--checkpoint LOW, or a run directory holding one checkpoint per expert")
             p.add_argument("--data", required=True)
             p.add_argument("--workdir", required=True)
 
@@ -186,14 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("diffusers", "official"), required=True)
     p.add_argument("--src", required=True, help="weights folder, pipeline root or .safetensors file")
     p.add_argument("--out", required=True, help="new checkpoint directory")
-    p.add_argument("--expert", choices=("high", "low"), help="A14B: which expert to import")
+    p.add_argument("--expert", choices=("high", "low"),
+                   help="A14B (required there): which expert to import; stored in config.json")
 
     p = command("export", cmd_export, "export a checkpoint to diffusers / official safetensors")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", choices=("diffusers", "official"), required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--expert", choices=("high", "low"),
-                   help="A14B: write into transformer/ (high) or transformer_2/ (low)")
+                   help="A14B: optional check; the checkpoint's stored expert picks transformer/ "
+                   "or high_noise_model/ (high), transformer_2/ or low_noise_model/ (low)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="tensor dtype to write")
 
     p = command("data", cmd_data, "write datasets: the synthetic world or a JSONL manifest")
@@ -222,19 +254,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+# User errors: bad input that the message lets the user fix. They end in one line and exit
+# status 2; anything else is a bug and keeps its traceback. The rule, in full:
+# - ValueError: bad values in configs, prompts, cuts, checkpoints (CheckpointMismatchError),
+#   corrupt safetensors, a `data build` with no usable film or a skip under --strict (BuildError);
+# - paths: FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+#   PermissionError;
+# - a KeyError raised by a `--config.key=value` override (anywhere else a KeyError is a bug);
+# - SystemExit with a message (a command's own usage check).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of a user error (see USER_ERRORS), None for anything else."""
+    if isinstance(exc, SystemExit):
+        message = exc.code if isinstance(exc.code, str) else None
+    elif isinstance(exc, KeyError):
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        from_override = tb is not None and tb.tb_frame.f_code is apply_override.__code__
+        message = str(exc.args[0]) if from_override and exc.args else None
+    else:
+        message = str(exc) if isinstance(exc, USER_ERRORS) else None
+    if message is None:
+        return None
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip()) or type(exc).__name__
+
+
+def main(argv=None, *, report_errors: bool | None = None) -> int:
+    """Run one command; returns the exit status.
+
+    With `report_errors` (default: when `argv` is None, i.e. the console script) a user error
+    prints `holocine-jax <command>: error: <message>` on stderr and returns 2, after its traceback
+    with `--debug` (anywhere on the line) or HOLOCINE_DEBUG=1; without, it is raised (Python
+    callers passing `argv`). Other exceptions are always raised.
+    """
+    report = argv is None if report_errors is None else report_errors
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (or HOLOCINE_DEBUG=1)")
     args, rest = parser.parse_known_args(argv)
+    debug = args.debug or "--debug" in rest or os.environ.get("HOLOCINE_DEBUG", "") not in ("", "0")
     # `compile --mesh.fsdp=8` is shorthand for `--config.mesh.fsdp=8`
-    rest = ["--config." + a[2:] if a.startswith("--mesh.") else a for a in rest]
-    if args.command in ("train", "eval", "sample"):
-        from holocine_jax.parallel import initialize_distributed
-        initialize_distributed()   # multi-host TPU slices: every worker runs this command
+    rest = ["--config." + a[2:] if a.startswith("--mesh.") else a for a in rest if a != "--debug"]
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    print(args.fn(args, rest))
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    try:
+        if args.command in ("train", "eval", "sample"):
+            from holocine_jax.parallel import initialize_distributed
+            initialize_distributed()   # multi-host TPU slices: every worker runs this command
+        print(args.fn(args, rest))
+    except BaseException as e:
+        message = user_error(e) if report else None
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exception(e)
+        prefix = f"{args.command}: "   # usage checks raise SystemExit("train: ...")
+        print(f"holocine-jax {command}: error: {message.removeprefix(prefix)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,13 +9,17 @@
 4. evaluates it against the world's ground truth (`workdir/film/metrics.json`).
 
 Each stage skips what an earlier run of the same workdir already finished, so an interrupted
-demo resumes (training resumes from its latest checkpoint).
+demo resumes (training resumes from its latest checkpoint). Each phase (data / train / sample /
+score) prints its start and its time on stderr; `demo.json` records the times.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
+import time
 
 import numpy as np
 
@@ -44,19 +48,36 @@ def build_data(config, data_dir: str, num_films: int) -> str:
     return data_dir
 
 
-def sample_and_score(config, checkpoint: str, out_dir: str) -> dict:
-    """Sample the held-out film with `checkpoint`, write it and its metrics.json."""
+@contextlib.contextmanager
+def phase(name: str, times: dict, what: str):
+    """`demo: <name>: <what> ...` on stderr, then `demo: <name> done (<time>)`; the seconds go
+    into times[name]."""
+    from holocine_jax.train.metrics import format_duration
+
+    print(f"demo: {name}: {what} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    times[name] = round(time.perf_counter() - start, 2)
+    print(f"demo: {name} done ({format_duration(times[name])})", file=sys.stderr, flush=True)
+
+
+def sample_and_score(config, checkpoint: str, out_dir: str, *, times: dict | None = None) -> dict:
+    """Sample the held-out film with `checkpoint`, write it and its metrics.json (phases
+    "sample" and "score", timed into `times`)."""
     from holocine_jax.data.video import read_video
     from holocine_jax.eval.metrics import film_metrics, to_floats
     from holocine_jax.sample.run import run_sample
 
+    times = {} if times is None else times
     film, spec = held_out_film(config)
     shutil.rmtree(out_dir, ignore_errors=True)
-    paths = run_sample(config, checkpoint, [film], out_dir)[0]
-    frames = read_video(paths["mp4"])  # score what a viewer sees: the encoded film
-    scores = to_floats(film_metrics(frames, spec.cut_frames, truth=spec.shot_attributes(),
-                                    captions=list(spec.shot_captions),
-                                    tolerance=config.eval.cut_tolerance).compute())
+    with phase("sample", times, f"one held-out {spec.num_shots}-shot film -> {out_dir}"):
+        paths = run_sample(config, checkpoint, [film], out_dir)[0]
+    with phase("score", times, "cuts, identity and captions against the world's ground truth"):
+        frames = read_video(paths["mp4"])  # score what a viewer sees: the encoded film
+        scores = to_floats(film_metrics(frames, spec.cut_frames, truth=spec.shot_attributes(),
+                                        captions=list(spec.shot_captions),
+                                        tolerance=config.eval.cut_tolerance).compute())
     paths["metrics"] = os.path.join(out_dir, "metrics.json")
     with open(paths["metrics"], "w") as f:
         json.dump(dict(seed=film.seed, prompt=film.prompt, metrics=scores), f, indent=2)
@@ -65,19 +86,25 @@ def sample_and_score(config, checkpoint: str, out_dir: str) -> dict:
 
 def run_demo(config, workdir: str, *, num_films: int = 64) -> dict:
     """Data -> training -> one sampled film -> metrics, all under `workdir`. Returns paths,
-    the training summary and the film's metrics."""
+    the training summary, the film's metrics and the phases' seconds ("times")."""
     from holocine_jax.text import load_text_stack
     from holocine_jax.train.run import train_on_dataset
     from holocine_jax.vae import make_vae
 
     os.makedirs(workdir, exist_ok=True)
-    data_dir = build_data(config, os.path.join(workdir, "data"), num_films)
-    tokenizer, encoder = load_text_stack(config)
-    vae = make_vae(config)
-    summary = train_on_dataset(config, data_dir, os.path.join(workdir, "train"),
-                               tokenizer=tokenizer, text_encoder=encoder, vae=vae)
-    film = sample_and_score(config, summary["checkpoint_dir"], os.path.join(workdir, "film"))
-    result = dict(data=data_dir, train=summary, **film)
+    times: dict[str, float] = {}
+    data_dir = os.path.join(workdir, "data")
+    with phase("data", times, f"{num_films} synthetic films in {data_dir} (built once)"):
+        build_data(config, data_dir, num_films)
+    train_dir = os.path.join(workdir, "train")
+    with phase("train", times, f"the {config.name} config for {config.train.steps} steps -> {train_dir}"):
+        tokenizer, encoder = load_text_stack(config)
+        vae = make_vae(config)
+        summary = train_on_dataset(config, data_dir, train_dir, tokenizer=tokenizer,
+                                   text_encoder=encoder, vae=vae)
+    film = sample_and_score(config, summary["checkpoint_dir"], os.path.join(workdir, "film"),
+                            times=times)
+    result = dict(data=data_dir, train=summary, times=times, **film)
     with open(os.path.join(workdir, "demo.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda x: np.asarray(x).tolist())
     return result

@@ -14,6 +14,13 @@ Text windows follow the official rules, named below:
   sees is [first, last + 2) (`ONE_PAST_END`); windows may thus overlap by a token.
 - PADDING: every token from max(window end) + 1 on is visible to all video tokens
   (`text_pad_start`, with the official end = last + 1 of the latest window).
+
+Text is cleaned as the official prompter does (`clean_prompt`: `ftfy.fix_text`, HTML unescaped,
+whitespace runs collapsed) before span finding and tokenisation. Where we differ on purpose: the
+official prompter finds the spans on the raw prompt but tokenises the cleaned one, so its windows
+drift by the characters cleaning removed or added before a tag (`ﬁ` -> `fi`, doubled spaces);
+we find them on the cleaned text. The two agree whenever cleaning keeps lengths (curly quotes,
+full-width punctuation, prompts from `build_prompt`).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import dataclasses
 import html
 import re
 
+import ftfy
 import numpy as np
 
 GLOBAL_TAG = "[global caption]"
@@ -32,8 +40,10 @@ _SCENE_RE = re.compile(r"\s*This scene contains \d+ shots\.\s*$")
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's whitespace cleaning: unescape HTML, collapse whitespace runs, strip."""
-    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+    """The official prompter's cleaning: `ftfy.fix_text` (curly quotes, ligatures, full-width
+    forms, mojibake), HTML unescaped twice, whitespace runs collapsed to one space, stripped."""
+    # `re`'s \s differs from the official `regex`'s only on U+001C..U+001F, which ftfy removes.
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text)))).strip()
 
 
 def build_prompt(global_caption: str, shot_captions) -> str:

@@ -13,6 +13,9 @@ Conventions used by every predicate here:
 - text windows are half-open token ranges [start, end); row 0 is the global window, row k+1 the
   window of shot k; every token t >= text_pad_start is visible to every video token.
 
+Requested cut frames (user, manifest, eval) become applied ones in one place, `snap_cuts`, by the
+official scripts' rule (nearest 4t+1, duplicates merged, in range).
+
 A run config's geometry is read here and nowhere else: `latent_shape(config)` (the latents) and
 `ShotLayout.for_config(config, cuts)` (its token grid, max_shots, summary_frames). The config is
 duck-typed: this module imports no other holocine_jax module.
@@ -51,13 +54,27 @@ def snap_4t_plus_1(n: int) -> int:
     return 4 * round((n - 1) / 4) + 1
 
 
+def snap_cuts(num_frames: int, cut_frames) -> list[int]:
+    """The pixel cuts the official scripts apply for requested `cut_frames` of a `num_frames`
+    (4t+1) film: each snapped to the nearest 4t+1 (`snap_4t_plus_1`), duplicates merged, sorted,
+    and only 0 < p < num_frames kept (a cut that snaps onto the last frame or past it is dropped).
+    The latent cuts then follow `pixel_to_latent_cut`. Requested cuts must be integers."""
+    latent_num_frames(num_frames)
+    snapped = set()
+    for c in cut_frames:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            raise ValueError(f"cut frame {c!r} is not an integer")
+        snapped.add(snap_4t_plus_1(int(c)))
+    return [p for p in sorted(snapped) if 0 < p < num_frames]
+
+
 def even_cuts(num_frames: int, num_shots: int) -> list[int]:
-    """Evenly spaced pixel-frame cuts (4t+1) for `num_shots` shots, the official default rule."""
+    """Evenly spaced pixel-frame cuts (4t+1) for `num_shots` shots, the official default rule:
+    `snap_cuts` of round(i * num_frames / num_shots) for i = 1..num_shots-1."""
     if num_shots < 1:
         raise ValueError(f"num_shots={num_shots} must be at least 1")
     step = num_frames / num_shots
-    cuts = sorted({snap_4t_plus_1(round(i * step)) for i in range(1, num_shots)})
-    cuts = [c for c in cuts if 0 < c < num_frames]
+    cuts = snap_cuts(num_frames, [round(i * step) for i in range(1, num_shots)])
     if len(cuts) != num_shots - 1:
         raise ValueError(f"{num_frames} frames are too few for {num_shots} evenly spaced shots")
     return cuts
@@ -181,7 +198,9 @@ class ShotLayout:
     @classmethod
     def from_cuts(cls, num_frames, cut_frames, *, latent_hw, max_shots, text_windows=None,
                   text_pad_start=None, summary_frames=1):
-        """Layout from pixel-frame cuts (4t+1 rules of §3); see `from_latent_cuts`."""
+        """Layout from pixel-frame cuts (4t+1 rules of §3); see `from_latent_cuts`. The cuts are
+        taken as given (strictly increasing latent frames); user-requested cuts go through
+        `snap_cuts` first, as the official scripts snap them."""
         f = latent_num_frames(num_frames)
         cuts = [int(p) for p in cut_frames]
         for i, p in enumerate(cuts):

@@ -71,3 +71,85 @@ def test_unknown_override_is_named(tmp_path):
         main(["demo", "--workdir", str(tmp_path), "--config.model.num_layer=2"])
     with pytest.raises(SystemExit):
         main(["demo", "--workdir", str(tmp_path), "--bogus"])
+
+
+def error_lines(capsys):
+    err = capsys.readouterr().err
+    return [line for line in err.splitlines() if line.strip()], err
+
+
+def test_user_errors_end_in_one_line_with_status_2(tmp_path, capsys):
+    # a KeyError from a config override
+    assert main(["demo", "--workdir", str(tmp_path), "--config.model.num_layer=2"], report_errors=True) == 2
+    lines, err = error_lines(capsys)
+    assert lines == ["holocine-jax demo: error: override '--config.model.num_layer=2': config.model "
+                     "has no key 'num_layer'; did you mean num_layers, scan_layers?"]
+    # a command's own usage check (SystemExit with a message): the command is named once
+    assert main(["train", "--workdir", str(tmp_path / "w")], report_errors=True) == 2
+    assert error_lines(capsys)[0] == ["holocine-jax train: error: give the dataset with --data DIR "
+                                      "or --config.data.path=DIR"]
+    # a missing file (FileNotFoundError), under a nested command; nothing written
+    assert main(["data", "build", "--manifest", str(tmp_path / "no.jsonl"), "--out",
+                 str(tmp_path / "out")], report_errors=True) == 2
+    assert error_lines(capsys)[0] == [f"holocine-jax data build: error: manifest "
+                                      f"{str(tmp_path / 'no.jsonl')!r} does not exist"]
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_debug_flag_or_environment_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    bad = ["demo", "--workdir", str(tmp_path), "--config.model.num_layer=2"]
+    for argv in (["--debug", *bad], [*bad, "--debug"]):
+        assert main(argv, report_errors=True) == 2
+        lines, err = error_lines(capsys)
+        assert err.startswith("Traceback (most recent call last):") and "KeyError" in err
+        assert lines[-1].startswith("holocine-jax demo: error: override")
+    monkeypatch.setenv("HOLOCINE_DEBUG", "1")
+    assert main(bad, report_errors=True) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_console_script_reports_and_python_callers_get_the_exception(tmp_path, capsys, monkeypatch):
+    bad = ["demo", "--workdir", str(tmp_path), "--config.model.num_layer=2"]
+    monkeypatch.setattr("sys.argv", ["holocine-jax", *bad])
+    assert main() == 2                                   # the console script: argv is None
+    lines, err = error_lines(capsys)
+    assert len(lines) == 1 and "Traceback" not in err
+    with pytest.raises(KeyError, match="num_layer"):
+        main(bad)
+
+
+def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    """Only the rule's errors are reported in one line: a KeyError that no override raised, or a
+    RuntimeError, propagates even with report_errors."""
+    for exc in (KeyError("params"), RuntimeError("boom")):
+        def broken(args, overrides, exc=exc):
+            raise exc
+        monkeypatch.setattr("holocine_jax.cli.cmd_demo", broken)
+        with pytest.raises(type(exc)):
+            main(["demo", "--workdir", str(tmp_path)], report_errors=True)
+
+
+def test_corrupt_safetensors_import_is_one_line_naming_file_and_tensor(tmp_path, capsys):
+    src = save_diffusers(random_model(tiny_config()), str(tmp_path / "src"))
+    weights = os.path.join(src, "diffusion_pytorch_model.safetensors")
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[: len(data) - 100])          # a download cut short
+    code = main(["import", *TINY_F32, "--format", "diffusers", "--src", src, "--out",
+                 str(tmp_path / "ckpt")], report_errors=True)
+    lines, _ = error_lines(capsys)
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"holocine-jax import: error: {weights} is not a readable safetensors "
+                               "file: tensor '") and "(truncated)" in lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_demo_phase_prints_its_start_and_time(capsys):
+    import time
+
+    from holocine_jax.demo import phase
+
+    times = {}
+    with phase("train", times, "the tiny config"):
+        time.sleep(0.05)
+    assert error_lines(capsys)[0] == ["demo: train: the tiny config ...", "demo: train done (0s)"]
+    assert 0.05 <= times["train"] < 5

@@ -1,16 +1,22 @@
-"""HoloCine prompts and text windows, against the official character-span rules written out here.
+"""HoloCine prompts and text windows, against the official character-span rules and the official
+prompter's cleaning (ftfy + whitespace), written out here.
 
 Tokenizers are trained in the test on a few sentences (no network).
 """
+import html
+import json
 import re
 
+import ftfy
 import numpy as np
 import pytest
+import regex
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from holocine_jax.prompts import build_prompt, parse_prompt, text_windows
 from holocine_jax.shots import ShotLayout
+from holocine_jax.text.tokenizer import load_tokenizer, tokenize
 
 CORPUS = [
     "The scene is set in a bright kitchen. A round red character with stripes.",
@@ -160,3 +166,78 @@ def test_errors():
         text_windows(long, tok, text_len=n - 5)
     cut = text_windows(long, tok, text_len=20, truncate=True)  # shot 1 lost every token
     assert cut.num_tokens == 20 and cut.windows[2].tolist() == [0, 0]
+
+
+# ----------------------------------------------------------------------------- official cleaning
+# LLM-written captions: curly quotes, a ligature, full-width punctuation (ftfy maps all of them).
+FANCY = [
+    ("The painter’s studio is “quiet”，full of ﬁne light！ [character1] works alone.",
+     ["[character1]’s hand lifts the brush（slowly）.", "Close-up： the ﬁnished canvas, “done”."]),
+    ("A bright kitchen；the character’s glass is empty.",
+     ["The character pours water！", "Wide shot: the glass is “full”.", "A dog runs，a cat sits."]),
+    ("A room with “two” doors.", ["The character, looking around：", "The character’s smile."]),
+]
+
+
+def official_prompt(glob, shots):
+    """HoloCine's `prepare_multishot_inputs` prompt string (no cleaning of its own)."""
+    if "This scene contains" not in glob:
+        glob = glob.strip() + f" This scene contains {len(shots)} shots."
+    return f"[global caption] {glob} [per shot caption] {' [shot cut] '.join(shots)}"
+
+
+def official_clean(text):
+    """HoloCine's `basic_clean` + `whitespace_clean` (wan_prompter.py), written out."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip()
+
+
+@pytest.fixture(scope="module")
+def umt5_like_dir(tmp_path_factory):
+    """A real Unigram tokenizer.json (Metaspace, trailing </s>) trained here, as a HF directory."""
+    raw = [official_prompt(g, s) for g, s in FANCY]
+    corpus = CORPUS + raw + [official_clean(t) for t in raw]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus * 4, trainers.UnigramTrainer(
+        vocab_size=250, special_tokens=SPECIALS, unk_token="<unk>"))
+    path = tmp_path_factory.mktemp("umt5_like")
+    _with_eos(tok).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="PreTrainedTokenizerFast", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", model_max_length=512)))
+    return str(path)
+
+
+def test_token_ids_equal_the_official_prompters_on_llm_punctuation(umt5_like_dir):
+    hf = AutoTokenizer.from_pretrained(umt5_like_dir, use_fast=True)
+    ours = load_tokenizer(umt5_like_dir)
+    for glob, shots in FANCY:
+        raw = official_prompt(glob, shots)
+        want = hf([official_clean(raw)], padding="max_length", truncation=True, max_length=256,
+                  add_special_tokens=True, return_tensors="np")
+        for prompt in (raw, build_prompt(glob, shots)):
+            ids, mask = tokenize(ours, [prompt], 256)
+            np.testing.assert_array_equal(ids[0], want["input_ids"][0], err_msg=prompt)
+            np.testing.assert_array_equal(mask[0], want["attention_mask"][0], err_msg=prompt)
+        # the raw ’ “ ” ﬁ and full-width forms are pieces of their own: cleaning decides the ids
+        assert hf([raw], add_special_tokens=True)["input_ids"] != hf(
+            [official_clean(raw)], add_special_tokens=True)["input_ids"]
+
+
+def test_windows_of_llm_punctuation_follow_the_official_rules(umt5_like_dir):
+    hf = AutoTokenizer.from_pretrained(umt5_like_dir, use_fast=True)
+    for glob, shots in FANCY:
+        raw = official_prompt(glob, shots)
+        clean = official_clean(raw)
+        offsets = hf(clean, return_offsets_mapping=True)["offset_mapping"]
+        tw = text_windows(raw, load_tokenizer(umt5_like_dir), num_shots=len(shots), text_len=256)
+        layout = ShotLayout.from_latent_cuts(len(shots), range(1, len(shots)), latent_hw=(1, 1),
+                                             max_shots=6, text_windows=tw.windows,
+                                             text_pad_start=tw.pad_start)
+        # The official prompter finds spans on the raw prompt but tokenises the cleaned one; they
+        # agree where cleaning keeps lengths. With `ﬁ` -> `fi` we find spans on the cleaned text.
+        spans_on = raw if len(raw) == len(clean) else clean
+        np.testing.assert_array_equal(np.asarray(layout.cross_attention_mask(256)),
+                                      official_mask(spans_on, offsets, 256), err_msg=raw)

@@ -11,7 +11,7 @@ import pytest
 from holocine_jax import shots
 from holocine_jax.shots import (ShotLayout, even_cuts, latent_num_frames, latent_shape,
                                 latent_to_pixel_cut, pixel_to_latent_cut, shot_bounds,
-                                snap_4t_plus_1)
+                                snap_4t_plus_1, snap_cuts)
 
 
 def test_frame_arithmetic_follows_the_4t_plus_1_rules():
@@ -41,6 +41,18 @@ def test_even_cuts_match_the_official_auto_rule():
             assert even_cuts(total, shots) == official(total, shots), (total, shots)
     with pytest.raises(ValueError, match="too few"):
         even_cuts(9, 5)
+
+
+def test_snap_cuts_snaps_merges_sorts_and_keeps_the_film():
+    # nearest 4t+1 with half to even (39 -> 41, 35 -> 33); 120 before 38 is sorted.
+    assert snap_cuts(241, [120, 38, 39, 35]) == [33, 37, 41, 121]
+    assert snap_cuts(241, [37, 38, 36]) == [37]                  # all three snap to 37
+    assert snap_cuts(241, [0, 2, 3, 239, 240, 300]) == [1]       # 0..3 -> 1; 239.. -> 241+ dropped
+    assert snap_cuts(81, np.array([40])) == [41] and snap_cuts(81, []) == []
+    with pytest.raises(ValueError, match=r"cut frame 37.5 is not an integer"):
+        snap_cuts(241, [37.5])
+    with pytest.raises(ValueError, match="num_frames=240"):
+        snap_cuts(240, [37])
 
 
 def test_from_cuts_geometry():

@@ -84,15 +84,23 @@ def config_for(arch: dict, config=None):
 
 
 def _resolve(path: str, fmt: str, expert: str | None) -> str:
-    """The model folder inside a pipeline/release root (`transformer_2/`, `low_noise_model/`)."""
+    """The model folder: `path` itself, or the expert's folder inside a pipeline/release root
+    (`transformer_2/`, `low_noise_model/`; expert None there: the root must hold one model)."""
     folders = SUBFOLDERS[fmt]
     if expert is not None and expert not in folders:
         raise ValueError(f"expert must be one of {tuple(folders)}, got {expert!r}")
-    sub = os.path.join(path, folders[expert or "high"])
-    if os.path.isdir(sub):
-        return sub
-    if expert == "low":
-        raise FileNotFoundError(f"{path}: no {folders['low']}/ folder for the low-noise expert")
+    present = [e for e, f in folders.items() if os.path.isdir(os.path.join(path, f))]
+    if expert is None and len(present) == len(folders):
+        raise ValueError(f"{path} holds both A14B experts ({', '.join(f + '/' for f in folders.values())}): "
+                         "say which one to load (--expert high|low)")
+    want = expert or "high"
+    if want in present:
+        return os.path.join(path, folders[want])
+    if present:
+        raise FileNotFoundError(f"{path}: no {folders[want]}/ folder for the {want}-noise expert")
+    named = {f: e for e, f in folders.items()}.get(os.path.basename(os.path.normpath(path)))
+    if expert is not None and named not in (None, expert):
+        raise ValueError(f"{path} is the {named}-noise expert's folder, not the {expert}-noise one")
     return path
 
 

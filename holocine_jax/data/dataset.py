@@ -8,14 +8,20 @@ Each example: `video` uint8 [T, H, W, 3] (config.video: num_frames at fps, heigh
 aspect-preserving crop), `global_caption`, `shot_captions` [K], `cut_frames` [K-1] (clip frames,
 4t+1), `num_shots`, `source` (video path), `attributes` (JSON per-shot ground truth or "").
 Bad lines and videos are skipped with a warning naming the file; `build_report.json` in `out_dir`
-holds the counts per reason and every skipped file. TFDS writes ArrayRecord without TensorFlow.
+holds the counts per reason and every skipped file. A manifest without one usable film is a
+BuildError naming it and the counts, and a failed build leaves nothing it wrote behind. TFDS
+writes ArrayRecord without TensorFlow.
 """
 from __future__ import annotations
 
 import collections
 import json
 import logging
+import math
 import os
+import shutil
+import sys
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -26,10 +32,11 @@ from holocine_jax.data.video import VideoError, probe_video, read_video, write_v
 
 log = logging.getLogger(__name__)
 REPORT = "build_report.json"
+PROGRESS_SECONDS = 10.0   # `data build` prints its counts at most this often (and at the end)
 
 
-class BuildError(RuntimeError):
-    """A skip turned into an error by `strict=True`."""
+class BuildError(ValueError):
+    """A skip turned into an error by `strict=True`, or a manifest without one usable film."""
 
 
 class HolocineClips(tfds.core.GeneratorBasedBuilder):
@@ -38,8 +45,9 @@ class HolocineClips(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, manifest: str = "", video=None, max_shots: int = 13,
-                 strict: bool = False, **kwargs):
+                 strict: bool = False, progress: bool = False, **kwargs):
         self._manifest, self._video, self._max_shots, self._strict = manifest, video, max_shots, strict
+        self._progress = progress
         self.skipped: collections.Counter = collections.Counter()
         self.skipped_files: list[dict] = []
         super().__init__(**kwargs)
@@ -60,15 +68,27 @@ class HolocineClips(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-        for item in read_manifest(self._manifest):
+        total = _count_films(self._manifest)
+        kept, start, shown = 0, time.perf_counter(), -math.inf
+        for done, item in enumerate(read_manifest(self._manifest), start=1):
             try:
                 if isinstance(item, ManifestError):
                     raise item
                 example = self._example(item)
+                kept += 1
+                yield item.line, example
             except (ManifestError, VideoError) as e:
                 self._skip(e)
-                continue
-            yield item.line, example
+            now = time.perf_counter()
+            if self._progress and (now - shown >= PROGRESS_SECONDS or done == total):
+                shown = now
+                print(f"data build: {done}/{total} films read, {kept} kept, "
+                      f"{sum(self.skipped.values())} skipped ({done / (now - start):.2f} films/s)",
+                      file=sys.stderr, flush=True)
+        if not kept:
+            raise BuildError(f"no usable film in manifest {self._manifest!r}: {total} film line(s), "
+                             f"skipped {dict(sorted(self.skipped.items())) or 'none'} (each is "
+                             f"logged above with its file)")
 
     def _example(self, record) -> dict:
         v = self._video
@@ -92,13 +112,35 @@ class HolocineClips(tfds.core.GeneratorBasedBuilder):
         self.skipped_files.append(entry)
 
 
-def build_dataset(manifest: str, out_dir: str, config, *, strict: bool = False) -> dict:
+def _count_films(manifest: str) -> int:
+    """Non-blank lines of a manifest (what `read_manifest` yields)."""
+    with open(manifest, encoding="utf-8", errors="replace") as f:
+        return sum(1 for text in f if text.strip())
+
+
+def build_dataset(manifest: str, out_dir: str, config, *, strict: bool = False,
+                  progress: bool = True) -> dict:
     """Build the TFDS dataset of `manifest` under out_dir; returns (and writes) the report:
-    {"examples": n, "skipped": {reason: count}, "skipped_files": [...], "data_dir": ...}."""
+    {"examples": n, "skipped": {reason: count}, "skipped_files": [...], "data_dir": ...}.
+
+    progress: a stderr line every PROGRESS_SECONDS (and at the end) with films read / kept /
+    skipped. A failed build (BuildError: a --strict skip, or no usable film) removes what it
+    wrote: `out_dir` itself when the build created it.
+    """
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(f"manifest {manifest!r} does not exist")
+    created = [p for p in (out_dir, os.path.join(out_dir, "holocine_clips"),
+                           os.path.join(out_dir, "downloads")) if not os.path.exists(p)]
     builder = HolocineClips(manifest=manifest, video=config.video, max_shots=config.shots.max_shots,
-                            strict=strict, data_dir=out_dir, file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
+                            strict=strict, progress=progress, data_dir=out_dir,
+                            file_format="array_record")
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
+    except BaseException:
+        for path in created:   # outermost first: nothing this build made is left behind
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     report = dict(examples=int(builder.info.splits["train"].num_examples),
                   skipped=dict(sorted(builder.skipped.items())),
                   skipped_files=builder.skipped_files, data_dir=str(builder.data_dir))

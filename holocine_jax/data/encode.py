@@ -129,6 +129,9 @@ def encode_dataset(data_dir: str, config, *, vae=None, text_encoder=None, tokeni
     mine = ranges[process_index::process_count]
     total = sum(end - first for first, end in mine)
     written = skipped = done = encoded = 0
+    if progress:
+        print(f"data encode: {total} records in {len(mine)} file(s) of up to {records_per_file} "
+              f"-> {out} (files already written are kept)", flush=True)
     start = time.time()
     for first, end in mine:
         path = os.path.join(out, _file_name(first, end))

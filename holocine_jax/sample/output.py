@@ -49,7 +49,8 @@ def write_film(out_dir: str, frames: np.ndarray, *, fps: float, cut_frames, meta
                columns: int = 6) -> dict:
     """Write film.mp4, contact_sheet.png and film.json (metadata + cuts + fps) into out_dir.
 
-    frames: uint8 [T, H, W, 3]. Returns {"mp4", "contact_sheet", "json"} paths.
+    frames: uint8 [T, H, W, 3]; cut_frames: the applied pixel cuts (film.json `cut_frames`; the
+    sampler's metadata adds the `requested_cuts`). Returns {"mp4", "contact_sheet", "json"} paths.
     """
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, name) for k, name in

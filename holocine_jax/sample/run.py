@@ -3,77 +3,126 @@
     films = [FilmRequest(prompt, cuts=(17,), num_frames=33, seed=0)]   # or read_prompt_file(path)
     run_sample(config, "ckpt_dir", films, "out_dir")
 
-A prompt is the HoloCine format (`prompts.build_prompt`); without cuts, the shots are evenly
-spaced (the official default). Films with the same frame count are denoised together,
-`config.sample.batch_size` at a time. One film writes film.mp4, contact_sheet.png and film.json
-into out_dir; several write out_dir/film_000/, film_001/, ...
+A prompt is the HoloCine format (`prompts.build_prompt`); an untagged prompt is refused (the
+official pipeline would sample it without window masks). Requested cuts are applied as the
+official scripts do (`shots.snap_cuts`: nearest 4t+1; a warning when that changes them) and must
+leave one shot per caption; without cuts, the shots are evenly spaced (the official default).
+Films with the same frame count are denoised together, `config.sample.batch_size` at a time. One
+film writes film.mp4, contact_sheet.png and film.json (`requested_cuts`, and the applied
+`cut_frames` / `latent_cuts`) into out_dir; several write out_dir/film_000/, film_001/, ...
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from holocine_jax import prompts
+from holocine_jax.data.manifest import cuts_field, shot_fields
 from holocine_jax.sample.output import to_uint8, write_film
 from holocine_jax.sample.sampler import sample_film, scheduler_from_config
-from holocine_jax.shots import ShotLayout, even_cuts
+from holocine_jax.shots import ShotLayout, even_cuts, snap_cuts
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class FilmRequest:
-    """One film to sample: a HoloCine prompt, pixel cut frames (None: even), frames, seed."""
+    """One film to sample: a HoloCine prompt, requested pixel cut frames (None: even; applied as
+    the official scripts by `film_cuts`), frames, seed."""
     prompt: str
     cuts: tuple[int, ...] | None = None
     num_frames: int | None = None
     seed: int | None = None
 
 
+PROMPT_FILE_KEYS = ("prompt", "global_caption", "shots", "shot_captions", "cuts", "frames", "seed")
+
+
 def read_prompt_file(path: str) -> list[FilmRequest]:
-    """JSONL, one film per line: {"prompt": ...} or {"global_caption": ..., "shot_captions":
-    [...]}, optional "cuts" (pixel frames), "frames", "seed". Errors name the line."""
+    """JSONL, one film per line: {"prompt": HoloCine prompt} or {"global_caption": ..., "shots":
+    [...]} with shots as caption strings or {"caption": ..., "start": pixel frame} objects (a
+    start for every shot after the first, or for none), or "shot_captions": [...]; optional
+    "cuts" (pixel frames, not with starts), "frames", "seed". Errors name the line."""
     films = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(d, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            unknown = set(d) - {"prompt", "global_caption", "shot_captions", "cuts", "frames", "seed"}
-            if unknown:
-                raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-            try:
-                prompt = d["prompt"] if "prompt" in d else prompts.build_prompt(
-                    d["global_caption"], d["shot_captions"])
-                film = FilmRequest(prompt, None if d.get("cuts") is None else tuple(d["cuts"]),
-                                   d.get("frames"), d.get("seed"))
-                check_request(film)
-            except KeyError as e:
-                raise ValueError(f"{where}: needs 'prompt' or 'global_caption' + 'shot_captions' "
-                                 f"(missing {e})") from None
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            films.append(film)
+            if line.strip():
+                try:
+                    films.append(_prompt_line(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: {e}") from None
     if not films:
         raise ValueError(f"{path}: no films")
     return films
 
 
+def _prompt_line(line: str) -> FilmRequest:
+    """The FilmRequest of one prompt-file line (see `read_prompt_file`)."""
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise ValueError("expected a JSON object")
+    unknown = set(d) - set(PROMPT_FILE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}")
+    for key in ("frames", "seed"):
+        if d.get(key) is not None and type(d[key]) is not int:
+            raise ValueError(f"'{key}' must be an integer, got {d[key]!r}")
+    err = lambda reason, detail: ValueError(detail)  # noqa: E731
+    if "prompt" in d:
+        if set(d) & {"global_caption", "shots", "shot_captions"}:
+            raise ValueError("give 'prompt' or 'global_caption' with 'shots', not both")
+        if not isinstance(d["prompt"], str):
+            raise ValueError("'prompt' must be a string")
+        prompt, cuts = d["prompt"], cuts_field(d, err)
+    elif isinstance(d.get("global_caption"), str):
+        captions, cuts = shot_fields(d, err)
+        prompt = prompts.build_prompt(d["global_caption"], captions)
+    else:
+        raise ValueError("needs 'prompt' (a HoloCine prompt) or 'global_caption' (a string) with "
+                         "'shots'")
+    film = FilmRequest(prompt, None if cuts is None else tuple(cuts), d.get("frames"),
+                       d.get("seed"))
+    check_request(film)
+    return film
+
+
 def check_request(film: FilmRequest) -> int:
-    """Validate the prompt against the cuts; returns the number of shots."""
-    _, captions = prompts.parse_prompt(film.prompt)
+    """Validate the prompt (tagged) against the requested cuts; returns the number of shots."""
+    try:
+        _, captions = prompts.parse_prompt(film.prompt)
+    except ValueError as e:
+        # The official pipeline samples an untagged prompt without window masks; we refuse it.
+        raise ValueError(f"{e}; give the global caption and one caption per shot (--global-caption "
+                         "and --shot-caption, or 'global_caption' and 'shots' in a prompt file)"
+                         ) from None
     if film.cuts is not None and len(film.cuts) + 1 != len(captions):
         raise ValueError(f"the prompt has {len(captions)} shot captions but {len(film.cuts)} "
                          f"cuts give {len(film.cuts) + 1} shots")
     return len(captions)
+
+
+def film_cuts(film: FilmRequest, num_frames: int) -> list[int]:
+    """The applied pixel cuts of a `num_frames` film: its requested cuts through
+    `shots.snap_cuts` (the official rule), or even cuts; must still give one shot per caption."""
+    shots = check_request(film)
+    if film.cuts is None:
+        return even_cuts(num_frames, shots)
+    applied = snap_cuts(num_frames, film.cuts)
+    if len(applied) + 1 != shots:
+        raise ValueError(f"cuts {list(film.cuts)} apply as {applied} on the 4t+1 grid of "
+                         f"{num_frames} frames (nearest 4t+1, duplicates merged, cuts outside "
+                         f"1..{num_frames - 1} dropped, as the official scripts): "
+                         f"{len(applied) + 1} shots, but the prompt has {shots} shot captions")
+    return applied
 
 
 def text_stack(config):
@@ -91,38 +140,43 @@ def encode_texts(tokenizer, encoder, texts, text_len: int) -> jax.Array:
 
 
 def film_layout(config, film: FilmRequest, tokenizer) -> ShotLayout:
-    """The film's ShotLayout with the prompt's text windows (DESIGN §3)."""
+    """The film's ShotLayout with the applied cuts (`film_cuts`; a warning when they differ from
+    the requested ones) and the prompt's text windows (DESIGN §3)."""
     frames = film.num_frames or config.video.num_frames
-    shots = check_request(film)
-    cuts = list(film.cuts) if film.cuts is not None else even_cuts(frames, shots)
-    windows = prompts.text_windows(film.prompt, tokenizer, num_shots=shots,
+    cuts = film_cuts(film, frames)
+    if film.cuts is not None and cuts != list(film.cuts):
+        log.warning("cuts %s of a %d-frame film applied as %s (snapped to the nearest 4t+1, as "
+                    "the official scripts)", list(film.cuts), frames, cuts)
+    windows = prompts.text_windows(film.prompt, tokenizer, num_shots=len(cuts) + 1,
                                    text_len=config.model.text_len)
     return ShotLayout.for_config(config, cuts, num_frames=frames, text_windows=windows.windows,
                                  text_pad_start=windows.pad_start)
 
 
-def load_experts(config, checkpoint):
-    """WanDiT per expert: `checkpoint` is one directory, or one per config.experts.names."""
-    from holocine_jax.checkpoint import load_params
+def load_experts(config, checkpoint, *, steps=None):
+    """WanDiT per expert: `checkpoint` is one directory, one per config.experts.names (high-noise
+    first, each holding that expert: `checkpoint.check_experts`), or a run directory holding
+    them (`checkpoint.checkpoint_dirs`). steps: one per directory (None: the latest each)."""
+    from holocine_jax.checkpoint import check_experts, checkpoint_dirs, load_params
 
-    paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
-    names = tuple(config.experts.names) or ("model",)
-    if len(paths) not in (1, len(names)):
-        raise ValueError(f"{len(paths)} checkpoints for experts {names}")
-    models = []
+    paths = checkpoint_dirs(checkpoint)
     for p in paths:
         if not os.path.isdir(p):
             raise FileNotFoundError(f"checkpoint {p!r} is not a directory")
+    check_experts(config, paths)
+    models = []
+    for p, step in zip(paths, steps or [None] * len(paths)):
         try:
-            models.append(load_params(p, config))
+            models.append(load_params(p, config, step=step))
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"cannot read checkpoint {p!r}: {e}") from e
     return models
 
 
-def generate(config, models, tokenizer, encoder, vae, films, *, progress=True):
+def generate(config, models, tokenizer, encoder, vae, films, *, progress=True, latents=None):
     """Yield (index, film, frames uint8 [T, H, W, 3], layout) for every request; films of equal
-    frame count are denoised `config.sample.batch_size` at a time, seeds per film."""
+    frame count are denoised `config.sample.batch_size` at a time, seeds per film. `latents`: a
+    dict that receives {index: the sampler's final normalised latents float32 [F, h, w, z]}."""
     from holocine_jax.vae import denormalize_latents
 
     lt = config.model.text_len
@@ -138,24 +192,32 @@ def generate(config, models, tokenizer, encoder, vae, films, *, progress=True):
             states = encode_texts(tokenizer, encoder, [f.prompt for _, f in chunk], lt)
             keys = jnp.stack([jax.random.key(f.seed if f.seed is not None else
                                              config.sample.seed + i) for i, f in chunk])
-            latents = sample_film(models, cfg, states, negative, ShotLayout.stack(layouts), keys,
-                                  progress=progress)
-            video = to_uint8(vae.decode(denormalize_latents(latents, cfg)))
+            final = sample_film(models, cfg, states, negative, ShotLayout.stack(layouts), keys,
+                                progress=progress)
+            if latents is not None:
+                latents.update({i: np.asarray(x, np.float32) for (i, _), x in zip(chunk, final)})
+            video = to_uint8(vae.decode(denormalize_latents(final, cfg)))
             for (i, film), clip, layout in zip(chunk, video, layouts):
                 yield i, film, clip, layout
 
 
-def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True) -> list[dict]:
+def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True,
+               save_latents: bool = False) -> list[dict]:
     """Sample `films` (FilmRequest list) with the checkpoint's model(s) into out_dir.
 
     out_dir must not exist or be empty; it is written all or nothing. Returns the paths written.
+    save_latents: also write latents.npy per film (the sampler's final normalised latents,
+    float32 [F, h, w, z], before decoding; its path under "latents").
     """
     from holocine_jax.files import atomic_directory
     from holocine_jax.vae import make_vae
 
     films = list(films)
-    for film in films:
-        check_request(film)
+    for i, film in enumerate(films):  # every film's prompt and cuts, before anything is loaded
+        try:
+            film_cuts(film, film.num_frames or config.video.num_frames)
+        except ValueError as e:
+            raise ValueError(f"film {i}: {e}" if len(films) > 1 else str(e)) from None
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"output directory {out_dir!r} exists and is not empty")
     models = load_experts(config, checkpoint)
@@ -163,11 +225,13 @@ def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True
     vae = make_vae(config)
     sched = scheduler_from_config(config)
     written = [None] * len(films)
+    finals = {} if save_latents else None
     with atomic_directory(out_dir) as tmp:
         for i, film, clip, layout in generate(config, models, tokenizer, encoder, vae, films,
-                                              progress=progress):
+                                              progress=progress, latents=finals):
             seed = film.seed if film.seed is not None else config.sample.seed + i
             meta = dict(prompt=film.prompt, seed=seed, checkpoint=checkpoint,
+                        requested_cuts=None if film.cuts is None else list(film.cuts),
                         latent_cuts=layout.latent_cuts(),
                         sampler=dict(scheduler=sched.name, num_steps=sched.num_steps,
                                      shift=config.sample.shift,
@@ -178,5 +242,8 @@ def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True
             target = tmp if len(films) == 1 else os.path.join(tmp, f"film_{i:03d}")
             paths = write_film(target, clip, fps=config.video.fps, cut_frames=layout.pixel_cuts(),
                                metadata=meta, columns=config.sample.contact_columns)
+            if save_latents:
+                paths["latents"] = os.path.join(target, "latents.npy")
+                np.save(paths["latents"], finals.pop(i))
             written[i] = {k: p.replace(tmp, out_dir, 1) for k, p in paths.items()}
     return written

@@ -2,7 +2,7 @@
 
 Layout (a superset of holocine_jax/checkpoint.py's params checkpoints, so `load_params`,
 `export` and `sample` read a training directory as they read an imported one):
-    config.json                      the run's config (checked on resume)
+    config.json                      the run's config (written with the first save; checked on resume)
     <step>/params                    nnx.State of the parameters
     <step>/train                     opt_state, ema, step, rng, skipped
     <step>/data                      the data iterator's JSON state (`get_state()`)
@@ -38,14 +38,16 @@ class TrainCheckpointer:
     """Save / restore TrainState + data iterator state under `directory`.
 
     Opening a directory that holds a checkpoint of another model config raises before anything
-    is written.
+    is written. config.json is written with the first save, so a run that fails before it (a
+    bad `init_from`, a compile error) leaves no config behind to refuse the corrected rerun.
     """
 
     def __init__(self, directory: str, config, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
-        config_path = os.path.join(self.directory, "config.json")
-        if os.path.exists(config_path):
+        self._config_path = os.path.join(self.directory, "config.json")
+        self._config_json = None
+        if os.path.exists(self._config_path):
             stored, current = _shape_keys(load_config_json(self.directory)), _shape_keys(config)
             changed = [f"config.{k}: {stored.get(k)!r} stored, {current.get(k)!r} now"
                        for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
@@ -53,8 +55,7 @@ class TrainCheckpointer:
                 raise ValueError(f"{self.directory!r} holds a checkpoint of another config "
                                  f"({'; '.join(changed)}); use a new workdir or the stored config")
         else:
-            with atomic_file(config_path) as tmp, open(tmp, "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            self._config_json = config.to_json_best_effort(indent=2)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=ITEMS,
             options=ocp.CheckpointManagerOptions(
@@ -66,6 +67,10 @@ class TrainCheckpointer:
 
     def save(self, state: TrainState, data_state: dict | None = None, *, force: bool = False) -> bool:
         """Start saving `state` at its step (async); returns whether a save was started."""
+        if self._config_json is not None:
+            with atomic_file(self._config_path) as tmp, open(tmp, "w") as f:
+                f.write(self._config_json)
+            self._config_json = None
         return self.manager.save(int(state.step), args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(_train_item(state)),

@@ -7,6 +7,9 @@
 batches the uninterrupted one would have seen; `skip_counts()` (if present) is logged as
 `data/skipped/<reason>`. Workdir layout: `checkpoints/` (train/checkpointing.py), TensorBoard
 event files and `metrics.jsonl`. SIGTERM (preemption) saves the current step and returns.
+Batches are prepared (video / text encoded on the fly) by one compiled program
+(`step.make_batch_encoder`); stderr gets a line every `train.log_every` steps with the loss,
+steps/s and ETA (`metrics.ConsoleWriter`).
 """
 from __future__ import annotations
 
@@ -25,22 +28,31 @@ from holocine_jax.model import WanDiT
 from holocine_jax.parallel import batch_shardings, make_mesh, state_shardings
 from holocine_jax.attention.context import check_halo
 from holocine_jax.train.checkpointing import TrainCheckpointer, _shape_keys
-from holocine_jax.train.metrics import MetricsBuffer, make_writer, periodic_actions
+from holocine_jax.train.metrics import MetricsBuffer, console, make_writer, periodic_actions
 from holocine_jax.train.state import init_train_state, split_model
-from holocine_jax.train.step import make_train_step, prepare_batch
+from holocine_jax.train.step import make_batch_encoder, make_train_step
 
 log = logging.getLogger(__name__)
 
 
 def initial_model(config) -> WanDiT:
     """Fresh weights from `config.seed`, or the params checkpoint `config.train.init_from`
-    (an imported or trained directory; its model config must match)."""
+    (an imported or trained directory; its model config must match).
+
+    A14B: an `init_from` holding another expert than `config.expert` is an error naming both,
+    not adopted: the expert decides which timesteps train (objective.py), and a run that quietly
+    switched would disagree with its command line and with the resume check of its workdir.
+    """
     path = config.train.init_from
     if not path:
         return WanDiT.from_config(config, rngs=nnx.Rngs(config.seed))
     stored, current = _shape_keys(load_config_json(path)), _shape_keys(config)
-    changed = [k for k in sorted(set(stored) | set(current))
-               if k != "expert" and stored.get(k) != current.get(k)]
+    if stored["expert"] != current["expert"]:
+        raise ValueError(f"config.train.init_from={path!r} holds the {stored['expert']!r} expert "
+                         f"but config.expert={current['expert']!r}: training it on that expert's "
+                         f"timesteps is a mistake; set --config.expert={stored['expert']} or init "
+                         f"from a {current['expert']!r} checkpoint")
+    changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
     if changed:
         raise ValueError(f"config.train.init_from={path!r} was saved with another model config: "
                          + "; ".join(f"config.{k}: {stored.get(k)!r} there, {current.get(k)!r} here"
@@ -101,7 +113,8 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
     start = int(state.step)
     train_step = jax.jit(make_train_step(config, graphdef, rest), out_shardings=(sharding, None),
                          donate_argnums=0)
-    writer = make_writer(workdir)
+    encode = make_batch_encoder(config, vae=vae, text_encoder=text_encoder)  # compiled
+    writer = make_writer(workdir, total_steps=total)
     periodic = periodic_actions()
     hooks = [periodic.ReportProgress(num_train_steps=total, writer=writer, every_steps=tc.log_every,
                                      every_secs=None)]
@@ -115,6 +128,9 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
     restore_sigterm = _catch_sigterm(preempted)
     logged: list[float] = []
     step = start
+    if step < total:
+        console(f"train: steps {step} -> {total} in {workdir} (the first step compiles; a line "
+                f"every {tc.log_every} steps)")
     try:
         while step < total and not preempted.is_set():
             try:
@@ -122,7 +138,7 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
             except StopIteration:
                 log.warning("the data ran out at step %d of %d", step, total)
                 break
-            batch = prepare_batch(raw, config, vae=vae, text_encoder=text_encoder)
+            batch = encode(raw)
             if batch.get("layout") is not None and config.attention.context_strategy == "shot_aware":
                 check_halo(batch["layout"], mesh.shape["context"], config.attention.context_halo_frames)
             batch = _global_batch(batch, mesh, config.mesh.rules)

@@ -38,13 +38,55 @@ def periodic_actions():
     return pa
 
 
-def make_writer(logdir: str, *, console: bool = True):
-    """TensorBoard event files + `metrics.jsonl` under `logdir` (+ console logging), async."""
+def make_writer(logdir: str, *, console: bool = True, total_steps: int | None = None):
+    """TensorBoard event files + `metrics.jsonl` under `logdir` (async), and with `console` one
+    progress line per training summary on stderr (`ConsoleWriter`, synchronous)."""
     mw = metric_writers()
-    writers = [_tensorboard_writer(mw, logdir), _jsonl_writer(mw, os.path.join(logdir, "metrics.jsonl"))]
-    if console:
-        writers.append(mw.LoggingWriter())
-    return mw.AsyncMultiWriter(writers)
+    files = mw.AsyncMultiWriter([_tensorboard_writer(mw, logdir),
+                                 _jsonl_writer(mw, os.path.join(logdir, "metrics.jsonl"))])
+    return mw.MultiWriter([files, _console_writer(mw, total_steps)]) if console else files
+
+
+def format_duration(seconds: float) -> str:
+    """42s, 3m05s, 2h07m."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def progress_line(step: int, scalars: dict, total_steps: int | None = None) -> str:
+    """`train: step 20/300, loss 0.4123, 2.31 steps/s, ETA 2m01s` from a `MetricsBuffer.summary()`
+    (plus the skipped-step count when there are any)."""
+    rate = scalars.get("perf/steps_per_sec")
+    parts = [f"train: step {step}" + (f"/{total_steps}" if total_steps else ""),
+             f"loss {scalars['train/loss']:.4f}"]
+    if rate:
+        parts.append(f"{rate:.2f} steps/s")
+        if total_steps:
+            parts.append(f"ETA {format_duration((total_steps - step) / rate)}")
+    if scalars.get("train/skipped_steps"):
+        parts.append(f"{int(scalars['train/skipped_steps'])} skipped")
+    return ", ".join(parts)
+
+
+def console(message: str) -> None:
+    """One progress line on stderr, shown at once (no logging configuration needed)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _console_writer(mw, total_steps):
+    class ConsoleWriter(_scalar_writer(mw)):
+        """Prints `progress_line` for each scalar write holding "train/loss" (the training
+        summary); other writes are for TensorBoard and metrics.jsonl."""
+
+        def write_scalars(self, step, scalars):
+            if "train/loss" in scalars:
+                console(progress_line(int(step), scalars, total_steps))
+
+    return ConsoleWriter()
 
 
 def _tensorboard_writer(mw, logdir):
@@ -97,17 +139,10 @@ def _tensorboard_writer(mw, logdir):
     return TensorboardWriter(logdir)
 
 
-def _jsonl_writer(mw, path):
-    class JsonlWriter(mw.MetricWriter):
-        """Scalars as one JSON line per write: {"step": s, name: value, ...} (other kinds are
-        TensorBoard's job and are not written here)."""
-
-        def __init__(self, path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._file = open(path, "a")
-
-        def write_scalars(self, step, scalars):
-            self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+def _scalar_writer(mw):
+    class ScalarWriter(mw.MetricWriter):
+        """A MetricWriter of scalars only: summaries keep their scalar values, other kinds are
+        TensorBoard's job and are ignored."""
 
         def write_summaries(self, step, values, metadata=None):
             self.write_scalars(step, {k: v for k, v in values.items() if np.ndim(v) == 0})
@@ -118,6 +153,22 @@ def _jsonl_writer(mw, path):
         def write_texts(self, step, texts): pass
         def write_histograms(self, step, arrays, num_buckets=None): pass
         def write_hparams(self, hparams): pass
+        def flush(self): pass
+        def close(self): pass
+
+    return ScalarWriter
+
+
+def _jsonl_writer(mw, path):
+    class JsonlWriter(_scalar_writer(mw)):
+        """Scalars as one JSON line per write: {"step": s, name: value, ...}."""
+
+        def __init__(self, path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._file = open(path, "a")
+
+        def write_scalars(self, step, scalars):
+            self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
         def flush(self):
             self._file.flush()

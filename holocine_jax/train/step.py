@@ -3,7 +3,8 @@
     train_step = jax.jit(make_train_step(config, graphdef, rest), donate_argnums=0)
 
 `batch`: "latents" [B, F, H, W, C] (normalised), "text_states" [B, Lt, Dt], optional "layout"
-(batched ShotLayout); `prepare_batch` makes it from the pipeline's dict. The rng is folded with
+(batched ShotLayout); `prepare_batch` makes it from the pipeline's dict (`make_batch_encoder`:
+the same, compiled, with on-the-fly video / text encoding). The rng is folded with
 the step, so a resumed run draws the same timesteps and noise. The global batch is split into
 `config.train.grad_accum` micro-batches whose gradients are summed in a scan. A non-finite loss
 or gradient leaves params, optimizer and EMA untouched and counts the step in `skipped`.
@@ -108,9 +109,43 @@ def make_train_step(config, graphdef, rest=None):
     return train_step
 
 
+ENCODER_INPUTS = ("latents", "video", "text_states", "input_ids", "attention_mask")
+
+
+def make_batch_encoder(config, *, vae=None, text_encoder=None):
+    """`encode(batch) -> {"latents", "text_states", "layout"}`: `prepare_batch` as one jitted
+    program, so on-the-fly video and text encoding runs compiled, not op by op (DESIGN §10).
+
+    Flax NNX encoders enter the program as arguments (their state), any other encoder (the DCT
+    autoencoder, a test double) as constants. The layout passes through untouched; other keys
+    (e.g. "index") are dropped. One trace per batch structure and shapes.
+    """
+    (vae_state, vae_of), (text_state, text_of) = (_pure(e) for e in (vae, text_encoder))
+
+    @jax.jit
+    def program(vae_state, text_state, arrays):
+        return prepare_batch(arrays, config, vae=vae_of(vae_state), text_encoder=text_of(text_state))
+
+    def encode(batch: dict) -> dict:
+        out = program(vae_state, text_state, {k: batch[k] for k in ENCODER_INPUTS if k in batch})
+        return dict(out, layout=batch.get("layout"))
+
+    return encode
+
+
+def _pure(encoder):
+    """(state, rebuild): an NNX module as its state (a jit argument) and `rebuild(state)` merging
+    it back; anything else as (None, a function returning it), i.e. a constant of the program."""
+    if isinstance(encoder, nnx.Module):
+        graphdef, state = nnx.split(encoder)
+        return state, lambda s: nnx.merge(graphdef, s)
+    return None, lambda _: encoder
+
+
 def prepare_batch(batch: dict, config, *, vae=None, text_encoder=None) -> dict:
     """The pipeline's batch (contracts: "latents" | "video", "text_states" | "input_ids" +
-    "attention_mask", optional "layout") -> the step's {"latents", "text_states", "layout"}.
+    "attention_mask", optional "layout") -> the step's {"latents", "text_states", "layout"},
+    op by op; the training loop runs it compiled through `make_batch_encoder`.
 
     video [B, T, H, W, 3] in [-1, 1] is encoded with `vae.encode` and normalised;
     input_ids / attention_mask [B, Lt] go through `text_encoder(input_ids, attention_mask)`.

@@ -111,6 +111,14 @@ def test_a14b_experts_use_their_subfolders(config, tmp_path):
         assert sorted(os.listdir(root)) == sorted(folders)
         assert_same_params(load(str(root), config, expert="high"), high)
         assert_same_params(load(str(root), config, expert="low"), low)
+        # An expert's own folder loads as that expert; a root holding both needs an expert, and
+        # the other expert's folder is refused.
+        assert_same_params(load(str(root / folders[1]), config, expert="low"), low)
+        with pytest.raises(ValueError, match="holds both A14B experts"):
+            load(str(root), config)
+        with pytest.raises(ValueError, match=f"{folders[0]} is the high-noise expert's folder, "
+                                             "not the low-noise one"):
+            load(str(root / folders[0]), config, expert="low")
 
 
 def test_bfloat16_export(model, config, tmp_path):

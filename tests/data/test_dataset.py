@@ -142,3 +142,37 @@ def test_parse_line_resolves_paths():
     r = parse_line('{"video": "a/v.mp4", "global_caption": "g", "shots": '
                    '[{"caption": "x", "start": 0}, {"caption": "y", "start": 9}]}', 1, "/data")
     assert (r.video, r.shot_captions, r.cut_frames, r.attributes) == ("/data/a/v.mp4", ("x", "y"), (9,), "")
+
+
+def test_manifest_without_a_usable_film_is_one_error_naming_it_and_writes_nothing(tmp_path, config,
+                                                                                   capsys):
+    spec = world.sample_film(7, num_frames=33, shot_range=(2, 3))
+    (tmp_path / "notes.mp4").write_text("hello\n" * 100)
+    manifest = tmp_path / "films.jsonl"
+    manifest.write_text("\n".join([json.dumps(good_line("missing.mp4", spec)),
+                                   json.dumps(good_line("notes.mp4", spec)), "not json"]) + "\n")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(BuildError) as e:   # TFDS alone: `AssertionError: No examples were yielded`
+        build_dataset(str(manifest), str(tmp_path / "out"), config)
+    assert str(e.value) == (f"no usable film in manifest {str(manifest)!r}: 3 film line(s), skipped "
+                            "{'invalid_json': 1, 'missing': 1, 'not_video': 1} (each is logged above "
+                            "with its file)")
+    assert sorted(os.listdir(tmp_path)) == before     # no out dir left behind
+    (tmp_path / "keep").mkdir()                        # a directory that existed stays, empty
+    with pytest.raises(BuildError):
+        build_dataset(str(manifest), str(tmp_path / "keep"), config)
+    assert os.listdir(tmp_path / "keep") == []
+    assert "data build: 3/3 films read, 0 kept, 3 skipped" in capsys.readouterr().err
+
+
+def test_build_prints_progress_counts(tmp_path, config, capsys):
+    frames, spec = world.make_film(5, num_frames=33, shot_range=(2, 3))
+    write_video(str(tmp_path / "a.mp4"), frames, fps=8)
+    manifest = tmp_path / "films.jsonl"
+    manifest.write_text(json.dumps(good_line("a.mp4", spec)) + "\n\n" + "{bad\n")
+    report = build_dataset(str(manifest), str(tmp_path / "out"), config)
+    assert report["examples"] == 1
+    err = capsys.readouterr().err
+    assert "data build: 2/2 films read, 1 kept, 1 skipped (" in err and " films/s)" in err
+    build_dataset(str(manifest), str(tmp_path / "quiet"), config, progress=False)
+    assert "data build:" not in capsys.readouterr().err

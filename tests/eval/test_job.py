@@ -1,8 +1,10 @@
-"""The evaluation job: per-step metrics.json + TensorBoard, done steps skipped, known answers."""
+"""The evaluation job: per-step metrics.json + TensorBoard, done steps skipped, known answers,
+an A14B expert pair (run directory, both experts high-noise first, wrong order refused)."""
 import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -10,7 +12,9 @@ from flax import nnx
 from holocine_jax.data.dataset import decode_text, load_data_source, write_synthetic_dataset
 from holocine_jax.world import FilmSpec, render_film
 from holocine_jax.eval import job
+from holocine_jax.cli import main
 from holocine_jax.eval.metrics import METRIC_NAMES
+from holocine_jax.sample.schedulers import make_scheduler
 from holocine_jax.train.metrics import read_metrics
 from holocine_jax.vae import make_vae
 from sample.test_sampler import random_model, small_config
@@ -32,15 +36,19 @@ def dataset(tmp_path_factory):
     return out
 
 
-def save_steps(path, config, steps):
+def step_params(step, seed=0):
+    """The parameters `save_steps` writes at `step`."""
+    return jax.tree.map(lambda x: x * (1 + 0.1 * step), nnx.state(random_model(seed), nnx.Param))
+
+
+def save_steps(path, config, steps, seed=0):
     """A training-style checkpoint directory: config.json + a params item per step."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write(config.to_json_best_effort())
     with ocp.CheckpointManager(path, item_names=("params",)) as manager:
         for step in steps:
-            params = jax.tree.map(lambda x: x * (1 + 0.1 * step),
-                                  nnx.state(random_model(0), nnx.Param))
+            params = step_params(step, seed)
             manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
         manager.wait_until_finished()
 
@@ -98,3 +106,48 @@ def test_bad_checkpoint(tmp_path, dataset):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint step"):
         job.run_eval(eval_config(), str(tmp_path / "empty"), dataset, str(tmp_path / "w"))
+
+
+def test_step_points_of_an_expert_pair():
+    assert job.step_points([[1, 2, 3]]) == [(1,), (2,), (3,)]
+    assert job.step_points([[0, 500, 1000], [500, 1000]]) == [(500, 500), (1000, 1000)]
+    assert job.step_points([[500, 1000], [0]]) == [(1000, 0)]   # fine-tuned high + imported low
+    assert job.point_name((5, 5)) == (5, "step_00000005")
+    assert job.point_name((1000, 0)) == ((1000, 0), "step_00001000_00000000")
+
+
+def test_expert_pair_is_evaluated_with_both_experts(tmp_path, dataset, monkeypatch):
+    config = eval_config()
+    config.eval.num_films = 1
+    config.experts.names, config.experts.boundary = ("high", "low"), 0.875
+    # 2 Euler steps, shift 5: t = 1000 (high-noise expert), 833 (low-noise expert)
+    assert make_scheduler("euler", num_steps=2, shift=5.0).expert_of_step(0.875, 2).tolist() == [0, 1]
+    run = tmp_path / "run"   # `train --workdir run/high` and `run/low` write <expert>/checkpoints
+    for expert, seed in (("high", 0), ("low", 1)):
+        c = config.copy_and_resolve_references()
+        c.expert = expert
+        save_steps(str(run / expert / "checkpoints"), c, [2], seed=seed)
+    high, low = (str(run / e / "checkpoints") for e in ("high", "low"))
+    with pytest.raises(ValueError, match=r"go in the order high, low: .*low/checkpoints' holds the "
+                                         r"'low' expert; .*high/checkpoints' holds the 'high' expert"):
+        job.run_eval(config, [low, high], dataset, str(tmp_path / "w"), progress=False)
+    assert not (tmp_path / "w").exists()
+    sampled = []
+
+    def generate(cfg, models, *args, **kwargs):
+        sampled.append(models)
+        return real_generate(cfg, models, *args, **kwargs)
+
+    real_generate = job.generate
+    monkeypatch.setattr(job, "generate", generate)
+    work = str(tmp_path / "work")
+    main(["eval", "--checkpoint", str(run), "--data", dataset, "--workdir", work])
+    saved = json.load(open(os.path.join(work, "eval", "step_00000002", "metrics.json")))
+    assert saved["experts"] == {"high": {"checkpoint": high, "step": 2},
+                                "low": {"checkpoint": low, "step": 2}}
+    assert set(saved["metrics"]) == set(METRIC_NAMES)
+    assert os.path.exists(os.path.join(work, "eval", "step_00000002", "film_000", "film.mp4"))
+    (models,) = sampled   # one sampling run, with the high-noise expert first
+    for model, seed in zip(models, (0, 1)):
+        for x, y in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(step_params(2, seed))):
+            assert np.array_equal(x, y)

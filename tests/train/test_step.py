@@ -135,3 +135,84 @@ def test_prepare_batch_encodes_video_and_text_and_names_missing_keys():
         prepare_batch(dict(video=video, text_states=np.zeros((2, 64, 32))), c)
     with pytest.raises(KeyError, match="without 'attention_mask'"):
         prepare_batch(dict(latents=np.zeros((2, 5, 8, 8, 16)), input_ids=ids), c, text_encoder=print)
+
+
+class CountingTextEncoder(nnx.Module):
+    """The tiny seeded UMT5 (an NNX module) counting how often its Python code runs."""
+    calls = 0
+
+    def __init__(self, c):
+        from holocine_jax.text import tiny_text_encoder
+        self.inner = tiny_text_encoder(c)
+
+    def __call__(self, ids, mask):
+        type(self).calls += 1
+        return self.inner(ids, mask)
+
+
+class CountingDCT:
+    """The DCT autoencoder (a plain object: a constant of the program), counting encode runs."""
+
+    def __init__(self, c):
+        from holocine_jax.vae import make_vae
+        self.inner, self.calls = make_vae(c), 0
+
+    def encode(self, video):
+        self.calls += 1
+        return self.inner.encode(video)
+
+
+def raw_batches(n, b=2, seed=0):
+    """Pipeline-style batches: video [b, 17, 64, 64, 3] in [-1, 1], token ids + mask [b, 128]."""
+    rng = np.random.default_rng(seed)
+    layout = ShotLayout.stack([ShotLayout.from_latent_cuts(5, [2], latent_hw=(4, 4), max_shots=4)] * b)
+    for _ in range(n):
+        mask = (np.arange(128) < rng.integers(20, 128, size=(b, 1))).astype(np.int32)
+        yield dict(video=rng.uniform(-1, 1, (b, 17, 64, 64, 3)).astype(np.float32),
+                   input_ids=(rng.integers(1, 50, (b, 128)) * mask).astype(np.int32),
+                   attention_mask=mask, layout=layout, index=np.arange(b, dtype=np.int64))
+
+
+def test_batch_encoder_is_one_compiled_program_equal_to_the_eager_path():
+    from holocine_jax.train.step import make_batch_encoder
+
+    c = config()
+    text, vae = CountingTextEncoder(c), CountingDCT(c)
+    encode = make_batch_encoder(c, vae=vae, text_encoder=text)
+    CountingTextEncoder.calls = 0
+    for raw in raw_batches(3):
+        out = encode(raw)
+        assert out["layout"] is raw["layout"] and "index" not in out
+        eager = prepare_batch(raw, c, vae=vae.inner, text_encoder=text.inner)
+        for key in ("latents", "text_states"):
+            np.testing.assert_allclose(out[key], eager[key], rtol=1e-5, atol=1e-5)
+    assert out["latents"].shape == (2, 5, 8, 8, 16) and out["text_states"].shape == (2, 128, 32)
+    # Traced once for three batches: the encoders' Python ran once, not per step (eager: 3 each).
+    assert CountingTextEncoder.calls == 1 and vae.calls == 1
+
+
+def test_progress_line_and_durations():
+    from holocine_jax.train.metrics import format_duration, progress_line
+
+    assert [format_duration(s) for s in (0.4, 42, 185, 7620)] == ["0s", "42s", "3m05s", "2h07m"]
+    scalars = {"train/loss": 0.41234, "perf/steps_per_sec": 2.0, "train/skipped_steps": 0.0}
+    assert progress_line(20, scalars, 300) == "train: step 20/300, loss 0.4123, 2.00 steps/s, ETA 2m20s"
+    assert progress_line(20, dict(scalars, **{"train/skipped_steps": 3.0})) == \
+        "train: step 20, loss 0.4123, 2.00 steps/s, 3 skipped"
+
+
+def test_training_on_raw_batches_prints_progress_and_compiles_encoding(tmp_path, capsys):
+    from holocine_jax.train.loop import run_training
+
+    c = config("train.log_every=2", "train.checkpoint_every=100", "train.batch_size=8")
+    text, vae = CountingTextEncoder(c), CountingDCT(c)
+    CountingTextEncoder.calls = 0
+    summary = run_training(c, str(tmp_path), batches=raw_batches(4, b=8), vae=vae, text_encoder=text,
+                           steps=4)
+    assert summary["step"] == 4 and np.isfinite(summary["loss"])
+    assert CountingTextEncoder.calls == 1 and vae.calls == 1   # compiled, not op by op per step
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("train:")]
+    assert lines[0].startswith("train: steps 0 -> 4 in ")
+    for line, step in zip(lines[1:], (2, 4)):
+        assert line.startswith(f"train: step {step}/4, loss ") and " steps/s, ETA " in line, line
+    assert len(lines) == 3, lines

@@ -26,7 +26,7 @@ from flax import nnx
 from holocine_jax.checkpoint import load_config_json, load_params
 from holocine_jax.model import WanDiT
 from holocine_jax.parallel import batch_shardings, make_mesh, state_shardings
-from holocine_jax.attention.context import check_halo
+from holocine_jax.attention.context import check_halo, sequence_axis
 from holocine_jax.train.checkpointing import TrainCheckpointer, _shape_keys
 from holocine_jax.train.metrics import MetricsBuffer, console, make_writer, periodic_actions
 from holocine_jax.train.state import init_train_state, split_model
@@ -140,7 +140,8 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
                 break
             batch = encode(raw)
             if batch.get("layout") is not None and config.attention.context_strategy == "shot_aware":
-                check_halo(batch["layout"], mesh.shape["context"], config.attention.context_halo_frames)
+                check_halo(batch["layout"], mesh.shape[sequence_axis(config.mesh.rules)],
+                           config.attention.context_halo_frames)
             batch = _global_batch(batch, mesh, config.mesh.rules)
             state, metrics = train_step(state, batch)
             step += 1

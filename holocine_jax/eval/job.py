@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -25,7 +26,7 @@ from holocine_jax.files import atomic_file
 from holocine_jax.prompts import build_prompt, parse_prompt
 from holocine_jax.sample.output import write_film
 from holocine_jax.sample.run import FilmRequest, generate, load_experts, text_stack
-from holocine_jax.train.metrics import make_writer
+from holocine_jax.train.metrics import console, format_duration, make_writer
 from holocine_jax.world import FilmSpec
 
 
@@ -137,9 +138,13 @@ def evaluate_checkpoint(config, checkpoint, step, films, truths, workdir: str, *
     models = load_experts(config, paths, steps=point)
     tokenizer, encoder, vae = stack
     clips = [None] * len(films)
-    for i, film, clip, layout in generate(config, models, tokenizer, encoder, vae, films,
-                                          progress=progress):
+    start = time.perf_counter()
+    for done, (i, film, clip, layout) in enumerate(
+            generate(config, models, tokenizer, encoder, vae, films, progress=progress), 1):
         clips[i] = clip
+        if progress:
+            console(f"eval: {folder}: film {done}/{len(films)} sampled "
+                    f"({format_duration(time.perf_counter() - start)})")
         write_film(os.path.join(out, f"film_{i:03d}"), clip, fps=config.video.fps,
                    cut_frames=layout.pixel_cuts(), metadata=dict(prompt=film.prompt, seed=film.seed,
                                                                   step=key))
@@ -154,6 +159,8 @@ def evaluate_checkpoint(config, checkpoint, step, films, truths, workdir: str, *
                              for e, p, s in zip(config.experts.names, paths, point)}
     with atomic_file(os.path.join(out, "metrics.json")) as tmp, open(tmp, "w") as f:
         json.dump(record, f, indent=2)
+    if progress:
+        console(f"eval: {folder}: scored, {os.path.join(out, 'metrics.json')}")
     return result
 
 
@@ -170,6 +177,8 @@ def run_eval(config, checkpoint, data_dir: str, workdir: str, *, progress: bool 
     todo = [p for p in points if not os.path.exists(
         os.path.join(workdir, "eval", point_name(p)[1], "metrics.json"))]
     results = {}
+    if progress:
+        console(f"eval: {len(points)} step point(s), {len(points) - len(todo)} already scored")
     if todo:
         films, truths = eval_films(config, data_dir)
         stack = (*text_stack(config), make_vae(config))

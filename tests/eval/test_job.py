@@ -2,6 +2,7 @@
 an A14B expert pair (run directory, both experts high-noise first, wrong order refused)."""
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -69,7 +70,7 @@ def test_ground_truth_films_score_perfectly(dataset):
         assert got[name] == 1.0, (name, got)
 
 
-def test_run_eval_writes_each_step_once(tmp_path, dataset):
+def test_run_eval_writes_each_step_once(tmp_path, dataset, capsys):
     config = eval_config()
     ckpt, work = str(tmp_path / "ckpt"), str(tmp_path / "work")
     save_steps(ckpt, config, [1, 2])
@@ -91,7 +92,12 @@ def test_run_eval_writes_each_step_once(tmp_path, dataset):
     stamp = os.path.getmtime(os.path.join(work, "eval", "step_00000001", "metrics.json"))
     assert job.run_eval(config, ckpt, dataset, work, progress=False) == {}  # all done: skipped
     save_steps(ckpt, config, [3])
-    assert sorted(job.run_eval(config, ckpt, dataset, work, progress=False)) == [3]
+    capsys.readouterr()
+    assert sorted(job.run_eval(config, ckpt, dataset, work, progress=True)) == [3]
+    shown = capsys.readouterr().err   # progress: what is skipped, each film, where metrics went
+    assert "eval: 3 step point(s), 2 already scored" in shown
+    assert re.search(r"eval: step_00000003: film 1/2 sampled.*\n.*film 2/2 sampled", shown)
+    assert f"eval: step_00000003: scored, {work}/eval/step_00000003/metrics.json" in shown
     assert os.path.getmtime(os.path.join(work, "eval", "step_00000001", "metrics.json")) == stamp
     # Sampling is deterministic: step 1 again gives the same numbers.
     again = job.evaluate_checkpoint(config, ckpt, 1, *job.eval_films(config, dataset),

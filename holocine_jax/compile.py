@@ -6,7 +6,9 @@
 Compiles the training step (and one guided sampling step) on abstract inputs laid out on the
 config's mesh over the topology's devices, then reads the compiled program: per-device memory
 (arguments, temporaries, outputs) against HBM and bytes moved per collective kind (from the HLO,
-loop bodies x trip counts). FLOPs are the model's, counted from the architecture and the film's
+loop bodies x trip counts). Each Pallas TPU kernel is listed with its grid (dynamic where the
+work follows the film) and SMEM, read from the Mosaic modules in the HLO. A failure says which
+resource ran out: a kernel's SMEM / VMEM (the program does not compile) or HBM (it does not fit). FLOPs are the model's, counted from the architecture and the film's
 allowed attention pairs: XLA's `cost_analysis` counts a while-loop body once, so for a scanned
 40-layer model it reports ~1/40 of the work (it is kept in the report as `xla_flops`). The
 roofline step time is max(FLOPs / peak, collective bytes / ICI bandwidth) (perfect overlap)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from holocine_jax.model import WanDiT
-from holocine_jax.parallel.hlo import collective_bytes
+from holocine_jax.parallel.hlo import collective_bytes, mosaic_kernels
 from holocine_jax.parallel.mesh import batch_shardings, make_mesh, state_shardings
 from holocine_jax.shots import ShotLayout, even_cuts, latent_shape
 
@@ -137,7 +140,8 @@ def program_report(compiled, chip: dict, num_devices: int, flops_total: float) -
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    collectives = collective_bytes(compiled.as_text())
+    hlo = compiled.as_text()
+    collectives = collective_bytes(hlo)
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
         mem.temp_size_in_bytes
     flops = flops_total / num_devices
@@ -150,7 +154,7 @@ def program_report(compiled, chip: dict, num_devices: int, flops_total: float) -
         headroom=1 - total / chip["hbm"], flops_per_device=flops, flops_total=flops_total,
         xla_flops=float(cost.get("flops", 0.0)), collective_bytes=collectives,
         roofline_seconds=max(times.values()), serial_seconds=sum(times.values()),
-        roofline_parts=times)
+        roofline_parts=times, kernels=mosaic_kernels(hlo))
 
 
 def compile_report(config, topology: str, *, num_shots: int = 5, programs=("train", "sample")) -> dict:
@@ -175,15 +179,32 @@ def compile_report(config, topology: str, *, num_shots: int = 5, programs=("trai
     for name in programs:
         try:
             compiled, args = compilers[name](config, mesh, num_shots=num_shots)
-        except jax.errors.JaxRuntimeError as e:   # XLA refuses programs that exceed HBM
-            if "RESOURCE_EXHAUSTED" not in str(e):
+        except jax.errors.JaxRuntimeError as e:   # HBM exceeded, or a kernel's SMEM / VMEM
+            failure = compile_failure(str(e))
+            if failure is None:
                 raise
-            report["programs"][name] = dict(fits=False, error=str(e).split("\n")[0])
+            report["programs"][name] = failure
             continue
         flops = film * passes[name] * int(config.train.batch_size)
         report["programs"][name] = program_report(compiled, chip, len(devices), flops)
         report["programs"][name]["largest_arguments"] = largest_buffers(args)
     return report
+
+
+def compile_failure(message: str) -> dict | None:
+    """What a failed TPU compile says, or None when it is not a resource failure: an on-chip
+    space (SMEM / VMEM) that a Pallas kernel exceeds -> the program does not compile (which
+    resource, which kernel); HBM exceeded -> it compiles but does not fit."""
+    if "RESOURCE_EXHAUSTED" not in message and "Mosaic" not in message:
+        return None
+    first = next((l for l in message.splitlines() if l.strip()), message)
+    space = re.search(r"space=(\w+)", message)
+    resource = space.group(1).upper() if space else "HBM"
+    if resource == "HBM" and "Mosaic" not in message:
+        return dict(fits=False, compiles=True, resource="HBM", error=first)
+    kernel = re.search(r"\b(shot_attention_\w+|\w+_kernel)\b", message)
+    return dict(fits=False, compiles=False, resource=resource if space else "Mosaic",
+                kernel=kernel.group(1) if kernel else "a Pallas kernel", error=first)
 
 
 def check_divisibility(config, mesh) -> None:
@@ -220,7 +241,7 @@ def over_budget(report: dict) -> str:
     problems = []
     for name, r in report["programs"].items():
         if "error" in r:
-            problems.append(f"{name} does not compile for this topology: {r['error']}")
+            problems.append(_failure_text(name, r))
         elif not r["fits"]:
             budget = (1 - HEADROOM) * r["hbm_bytes"]
             biggest = "; ".join(f"{b['name']} {b['shape']} {b['device_bytes'] / 2**30:.2f} GiB"
@@ -231,6 +252,14 @@ def over_budget(report: dict) -> str:
                 f"({100 * (1 - HEADROOM):.0f}% of {r['hbm_bytes'] / 2**30:.2f} GiB HBM); temporaries "
                 f"{r['temp_bytes'] / 2**30:.2f} GiB; largest per-device arguments: {biggest}")
     return " | ".join(problems)
+
+
+def _failure_text(name: str, r: dict) -> str:
+    """One line for a program that failed: does not compile (resource, kernel) / does not fit."""
+    if r.get("compiles", True):
+        return f"{name} does not fit: HBM exhausted: {r['error']}"
+    return (f"{name} does not compile for this topology: {r['resource']} exhausted in "
+            f"{r['kernel']}: {r['error']}")
 
 
 def format_report(report: dict) -> str:
@@ -244,7 +273,7 @@ def format_report(report: dict) -> str:
              f"{'fits':>5} {'TFLOP/dev':>10} {'coll GiB':>9} {'step s':>13}"]
     for name, r in report["programs"].items():
         if "error" in r:
-            lines.append(f"{name:8} does not fit: {r['error']}")
+            lines.append(_failure_text(f"{name:8}", r))
             continue
         lines.append(f"{name:8} {gib(r['argument_bytes'])} {gib(r['temp_bytes'])} "
                      f"{gib(r['output_bytes'] - r['alias_bytes'])} {gib(r['total_bytes'])} "
@@ -253,4 +282,8 @@ def format_report(report: dict) -> str:
                      f"{r['roofline_seconds']:6.2f}-{r['serial_seconds']:<6.2f}")
         kinds = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(r["collective_bytes"].items()))
         lines.append(f"{'':8} collectives: {kinds or 'none'}")
+        for kern in r.get("kernels", []):
+            grid = " x ".join("dynamic" if g is None else str(g) for g in kern["grid"])
+            lines.append(f"{'':8} kernel {kern['name']}: grid {grid}, SMEM "
+                         f"{kern['smem_bytes'] / 1024:.1f} KiB, {kern['calls']} call site(s)")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Bytes moved by collectives, read from a compiled program's HLO text (DESIGN §6).
+"""What a compiled program does, read from its HLO text (DESIGN §6): bytes moved by
+collectives, and the Mosaic (Pallas TPU) kernels it calls.
 
     collective_bytes(jax.jit(f).lower(*args).compile().as_text())
     -> {"all-gather": 1572864, "all-to-all": 393216, ...}
@@ -10,9 +11,18 @@ operand and output: the output is counted); `-done` and tuple reads are not coll
 An instruction inside a while body counts once per trip when the loop's condition compares the
 counter with a constant (scans: the layer scan runs `num_layers` trips); loops with a data-
 dependent bound (the attention's active-block loop) count once.
+
+    mosaic_kernels(compiled.as_text())
+    -> [{"name": "shot_attention_fwd", "grid": (5, None), "smem_bytes": 65536, "calls": 1}, ...]
+
+Each `tpu_custom_call` carries its Mosaic module (MLIR bytecode in the backend config); it is
+deserialised with jaxlib's TPU dialect and the kernel's iteration bounds (None: a dynamic grid
+dimension, sized at run time) and its SMEM operands (scalar prefetch) are read from it.
 """
 from __future__ import annotations
 
+import base64
+import json
 import math
 import re
 
@@ -115,3 +125,56 @@ def _count(line: str, times: int, totals: dict) -> None:
         elif len(sizes) > 1:
             sizes = sizes[len(sizes) // 2:]
     totals[kind] = totals.get(kind, 0) + times * sum(sizes)
+
+
+_KERNEL = re.compile(r"func\.func @(?P<name>[\w.]+)\((?P<args>.*?)\)\s+attributes\s*\{(?P<attrs>.*)\}")
+_BOUNDS = re.compile(r"iteration_bounds = array<i64(?::\s*(?P<dims>[-0-9, ]+))?>")
+_SMEM = re.compile(r"memref<(?P<dims>(?:\d+x)*)(?P<dtype>[a-z]+\d*), #tpu\.memory_space<smem>>")
+_DYNAMIC = -(2**63)
+
+
+def mosaic_kernels(hlo_text: str) -> list[dict]:
+    """The Mosaic kernels of a compiled TPU program, one entry per distinct kernel: name, grid
+    (iteration bounds, None where dynamic), SMEM bytes of its operands, and how many custom
+    calls in the HLO run it. Needs libtpu's jaxlib TPU dialect (the `tpu` extra)."""
+    kernels: dict[str, dict] = {}
+    for line in hlo_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        config = _json_after(line, "backend_config=")
+        module = _mosaic_text(base64.b64decode(config["custom_call_config"]["body"]))
+        main = _KERNEL.search(module)
+        if main is None:
+            raise ValueError("a tpu_custom_call without a kernel function in its Mosaic module")
+        bounds = _BOUNDS.search(main.group("attrs"))
+        dims = [int(d) for d in (bounds.group("dims") or "").split(",") if d.strip()] if bounds else []
+        smem = sum(_BYTES[{"i32": "s32", "f32": "f32", "i1": "pred"}.get(m.group("dtype"), "s32")]
+                   * math.prod(int(d) for d in m.group("dims").split("x") if d)
+                   for m in _SMEM.finditer(main.group("args")))
+        entry = kernels.setdefault(main.group("name"), dict(
+            name=main.group("name"), grid=tuple(None if d == _DYNAMIC else d for d in dims),
+            smem_bytes=int(smem), calls=0))
+        entry["calls"] += 1
+    return list(kernels.values())
+
+
+def _json_after(line: str, key: str) -> dict:
+    """The JSON object that follows `key` on an HLO instruction line."""
+    text = line[line.index(key) + len(key):]
+    return json.JSONDecoder().raw_decode(text)[0]
+
+
+def _mosaic_text(bytecode: bytes) -> str:
+    """A serialised Mosaic module (versioned bytecode) as MLIR text."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib import tpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.passmanager import PassManager
+
+    ctx = mlir.make_ir_context()
+    tpu.register_dialect(ctx)
+    with ctx, ir.Location.unknown():
+        ctx.allow_unregistered_dialects = True
+        module = ir.Module.parse(bytecode)
+        PassManager.parse("builtin.module(mosaic-serde{serialize=false})").run(module.operation)
+        return str(module)

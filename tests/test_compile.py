@@ -65,3 +65,19 @@ def test_a14b_training_step_fits_a_v5_slice(topology, mesh, extra):
     report = compile_report(config, topology, num_shots=5, programs=("train",))
     train = report["programs"]["train"]
     assert train["fits"] and train["headroom"] >= 0.10, over_budget(report)
+
+
+def test_a_kernel_out_of_smem_does_not_compile_and_hbm_does_not_fit():
+    from holocine_jax.compile import _failure_text, compile_failure
+
+    smem = ("RESOURCE_EXHAUSTED: Mosaic failed to compile TPU kernel shot_attention_fwd: Allocation "
+            "(size=2214400) would exceed memory (size=1048576) space=smem prefetched SMEM operand 0")
+    hbm = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm."
+    r = compile_failure(smem)
+    assert (r["compiles"], r["resource"], r["kernel"]) == (False, "SMEM", "shot_attention_fwd")
+    assert _failure_text("train", r).startswith(
+        "train does not compile for this topology: SMEM exhausted in shot_attention_fwd: ")
+    r = compile_failure(hbm)
+    assert (r["compiles"], r["resource"]) == (True, "HBM")
+    assert _failure_text("train", r).startswith("train does not fit: HBM exhausted: ")
+    assert compile_failure("INVALID_ARGUMENT: something else") is None

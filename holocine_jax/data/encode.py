@@ -22,7 +22,6 @@ import os
 import shutil
 import time
 
-import jax.numpy as jnp
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -30,6 +29,7 @@ from flax import serialization
 
 from holocine_jax import prompts
 from holocine_jax.data.dataset import decode_text, load_data_source
+from holocine_jax.data.video import to_unit_range
 from holocine_jax.files import atomic_file
 
 CACHE_DIR = "encoded"
@@ -70,8 +70,8 @@ def _encode_batch(examples: list[dict], indices, config, vae, text_encoder, toke
     from holocine_jax.text import encode_text
     from holocine_jax.vae import normalize_latents
 
-    video = np.stack([e["video"] for e in examples]).astype(np.float32) / 127.5 - 1.0
-    latents = np.asarray(normalize_latents(vae.encode(jnp.asarray(video)), config), np.float32)
+    video = to_unit_range(np.stack([e["video"] for e in examples]))
+    latents = np.asarray(normalize_latents(vae.encode(video), config), np.float32)
     texts = [prompts.build_prompt(e["global_caption"], e["shot_captions"]) for e in examples]
     states, _, mask = encode_text(text_encoder, tokenizer, texts, config.model.text_len)
     states = np.asarray(states, np.float32)

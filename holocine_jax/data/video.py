@@ -1,8 +1,10 @@
-"""Video I/O with PyAV: probe, decode (seek, frame range, fps resample, resize), mp4/H.264 encode.
+"""Video I/O with PyAV: probe, decode (seek, frame range, fps resample, resize), mp4/H.264 encode;
+the uint8 -> [-1, 1] float conversion models take (`to_unit_range`).
 
     info = probe_video("a.mp4")                       # VideoInfo(num_frames, fps, height, width)
     clip = read_video("a.mp4", start=40, num_frames=33, fps=8, size=(64, 64))  # uint8 [33,64,64,3]
     write_video("b.mp4", clip, fps=8)
+    x = to_unit_range(clip)                           # float32 [33,64,64,3] in [-1, 1], jnp
 
 Frame indices are source frames of the file. Resampling to `fps` picks, for output frame k, the
 source frame `start + floor(k * src_fps / fps)` (nearest previous frame; `resample_indices`).
@@ -19,6 +21,7 @@ import os
 from fractions import Fraction
 
 import av
+import jax.numpy as jnp
 import numpy as np
 
 from holocine_jax.files import atomic_file
@@ -101,6 +104,18 @@ def resample_indices(num_out: int, start: int, src_fps: float, fps: float | None
     """[num_out] int64 source frame of each output frame: start + floor(k * src_fps / fps)."""
     step = 1.0 if fps is None else src_fps / fps
     return start + np.floor(np.arange(num_out) * step + 1e-6).astype(np.int64)
+
+
+def to_unit_range(video) -> jnp.ndarray:
+    """uint8 pixels [..., 3] -> float32 x / 127.5 - 1 in [-1, 1]; float input (already in
+    [-1, 1]) passes as float32. The one place of this conversion: pipelines ship uint8 and the
+    compiled batch encoder (train/step.py) converts on device. Other dtypes are a ValueError."""
+    video = jnp.asarray(video)
+    if video.dtype == jnp.uint8:
+        return video.astype(jnp.float32) / 127.5 - 1.0
+    if jnp.issubdtype(video.dtype, jnp.floating):
+        return video.astype(jnp.float32)
+    raise ValueError(f"video must be uint8 pixels or float in [-1, 1], got dtype {video.dtype}")
 
 
 def _resize(frame, size, mode: str) -> np.ndarray:

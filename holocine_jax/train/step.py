@@ -147,17 +147,19 @@ def prepare_batch(batch: dict, config, *, vae=None, text_encoder=None) -> dict:
     "attention_mask", optional "layout") -> the step's {"latents", "text_states", "layout"},
     op by op; the training loop runs it compiled through `make_batch_encoder`.
 
-    video [B, T, H, W, 3] in [-1, 1] is encoded with `vae.encode` and normalised;
+    video [B, T, H, W, 3]: uint8 pixels (the pipeline's; -> x / 127.5 - 1 here, on device, by
+    `data.video.to_unit_range`) or float in [-1, 1], encoded with `vae.encode` and normalised;
     input_ids / attention_mask [B, Lt] go through `text_encoder(input_ids, attention_mask)`.
     """
-    from holocine_jax.vae import normalize_latents  # only needed for video batches
+    from holocine_jax.data.video import to_unit_range  # only needed for video batches
+    from holocine_jax.vae import normalize_latents
 
     if "latents" in batch:
         latents = jnp.asarray(batch["latents"], jnp.float32)
     elif "video" in batch:
         if vae is None:
             raise ValueError("the batch holds 'video' but no vae was given to encode it")
-        latents = normalize_latents(jnp.asarray(vae.encode(jnp.asarray(batch["video"], jnp.float32))), config)
+        latents = normalize_latents(jnp.asarray(vae.encode(to_unit_range(batch["video"]))), config)
     else:
         raise KeyError(f"the batch needs 'latents' or 'video'; it has {sorted(batch)}")
     if "text_states" in batch:

@@ -1,5 +1,6 @@
 """The Grain pipeline: exact resume in a fresh process, disjoint host shards covering an epoch,
-layouts and text windows from the stored cuts and captions, skip-and-count, worker processes."""
+layouts and text windows from the stored cuts and captions, skip-and-count, worker processes,
+video shipped as the stored uint8 frames."""
 import json
 import subprocess
 import sys
@@ -73,11 +74,12 @@ def test_layouts_and_text_windows_follow_the_stored_cuts_and_captions(data_dir):
     tok = world_tokenizer()
     source = load_data_source(data_dir)
     batch = next(make_pipeline(data_dir, config, batch_size=4, seed=1, tokenizer=tok))
-    assert batch["video"].shape == (4, 33, 64, 64, 3) and batch["video"].min() >= -1.0
+    assert batch["video"].shape == (4, 33, 64, 64, 3) and batch["video"].dtype == np.uint8
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, config.model.text_len)
     lay = batch["layout"]
     for b, index in enumerate(batch["index"]):
         ex = decode_text(source[int(index)])
+        np.testing.assert_array_equal(batch["video"][b], ex["video"])  # the stored pixels
         cuts = [int(c) for c in ex["cut_frames"]]
         k = len(cuts) + 1
         assert int(lay.num_shots[b]) == k == len(ex["shot_captions"])
@@ -113,10 +115,37 @@ def test_bad_records_are_skipped_and_counted(data_dir, monkeypatch):
     assert pipe.get_state()["skipped"] == {"unreadable_record": 1, "invalid_example": 1}
 
 
-def test_worker_processes_give_the_same_batches(data_dir):
+def test_the_main_process_reads_only_the_records_of_its_batches(data_dir, monkeypatch):
+    """No read threads (Grain's default keeps up to 500 records ahead: GBs of video)."""
+    real, reads = load_data_source(data_dir), []
+
+    class Counting:
+        def __len__(self):
+            return len(real)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return real[i]
+
+    monkeypatch.setattr(dataset_module, "load_data_source", lambda d: Counting())
+    pipe = make_pipeline(data_dir, load_config("tiny"), batch_size=2, seed=0)
+    next(pipe), next(pipe)
+    pipe.close()
+    assert len(reads) == 4
+
+
+def test_worker_processes_give_the_same_batches_of_uint8_frames(data_dir):
     config = load_config("tiny")
+    source = load_data_source(data_dir)
     local = make_pipeline(data_dir, config, batch_size=2, seed=2)
     config.data.num_workers = 2
     workers = make_pipeline(data_dir, config, batch_size=2, seed=2)
     for _ in range(3):
-        assert fingerprint(next(workers)) == fingerprint(next(local))
+        batch = next(workers)
+        assert fingerprint(batch) == fingerprint(next(local))
+        # uint8 crosses the worker boundary (float conversion is the batch encoder's, on device)
+        assert batch["video"].dtype == np.uint8 and batch["video"].shape == (2, 33, 64, 64, 3)
+        for video, index in zip(batch["video"], batch["index"]):
+            np.testing.assert_array_equal(video, source[int(index)]["video"])
+    workers.close()
+

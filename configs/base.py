@@ -62,6 +62,18 @@ WAN_SAMPLING = {
 HOLOCINE_SAMPLING = dict(num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=241, fps=15,
                          height=480, width=832, boundary=0.875)
 
+# TeaCache rescaling polynomials (highest degree first) from the raw relative L1 change of Wan's
+# timestep modulation t_mod to the change of the model output, fitted by TeaCache4Wan2.1
+# (ali-vilab/TeaCache, its t_mod / "ret_steps" fits) and shipped in HoloCine's pipeline
+# (diffsynth/pipelines/wan_video_holocine.py, model ids Wan2.1-T2V-1.3B / -14B). The A14B
+# experts share Wan2.1-14B's architecture but were not fitted: they reuse its polynomial. Sizes
+# without a fit use the identity (1, 0): the threshold then bounds the raw change.
+TEACACHE_COEFFICIENTS = {
+    "wan21_1_3b": (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02),
+    "wan21_14b": (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
+    "wan22_a14b": (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
+}
+
 # Wan's `sample_neg_prompt` (also HoloCine's default negative prompt).
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -122,7 +134,13 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         unipc_grid="diffusers",   # unipc sigmas: diffusers (flow_shift) | wan (official grid)
         batch_size=1,             # films denoised together (same frame count, any cuts)
         seed=0,                   # film i of a prompt file gets seed + i unless it names one
-        contact_columns=6))       # contact sheet thumbnails per shot
+        contact_columns=6,        # contact sheet thumbnails per shot
+        # Step cache (sample/cache.py): none | teacache (reuse the blocks' residual while the
+        # accumulated rescaled relative L1 change of t_mod stays under cache_threshold).
+        cache="none",
+        cache_threshold=0.2,      # its scale follows cache_coefficients (benchmarks/sampling.py)
+        cache_coefficients=TEACACHE_COEFFICIENTS.get(size, (1.0, 0.0)),
+        cache_warmup_steps=1))    # first steps always computed (and the last, and each expert's first)
     # Device mesh (parallel/mesh.py): axis sizes (one may be -1 = the remaining devices) and the
     # logical-axis rule table (models name logical axes only).
     c.mesh = ml_collections.ConfigDict(dict(

@@ -5,6 +5,9 @@
     model = WanDiT(config.model, AttentionSpec.from_config(config.attention), config.mesh.rules,
                    rngs=nnx.Rngs(0))                  # the same: built from what it needs
     v = model(latents, timesteps, text_states, layout)   # [B, F, H, W, C] -> [B, F, H, W, C]
+    e = model.embed(latents, timesteps, text_states, layout)        # the same forward, split
+    v = model.head(model.run_blocks(e.x, e.context, e.t_mod, e.rope, layout), e.temb,
+                   model.token_grid(latents.shape))                  # (what a step cache reuses)
 
 The blocks are stacked along a leading `layers` axis and run under `nnx.scan` (optionally
 unrolled), so compile time and HLO size do not grow with depth; remat is a config choice.
@@ -12,6 +15,7 @@ unrolled), so compile time and HLO size do not grow with depth; remat is a confi
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,18 @@ from holocine_jax.model.embeddings import ConditionEmbedder, patch_embedding
 from holocine_jax.model.layers import dense, layer_norm, modulation_table, zeros
 from holocine_jax.model.rope import rope_tables
 from holocine_jax.parallel.mesh import constrain, frozen_rules
+
+
+class Embedded(NamedTuple):
+    """What the block stack reads: x [B, L, dim] float32 video tokens; temb [B, dim] and t_mod
+    [B, 6, dim] float32 time embeddings (head / blocks); context [B, Lt, dim] projected text;
+    rope: (cos, sin) tables [L, head_dim / 2]."""
+    x: jax.Array
+    temb: jax.Array
+    t_mod: jax.Array
+    context: jax.Array
+    rope: tuple
+
 
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
@@ -90,8 +106,15 @@ class WanDiT(nnx.Module):
         """latents: [B, F, H, W, C]; timesteps: [B] in 0..1000; text_states: [B, Lt, text_dim].
 
         layout: a batched ShotLayout (shots + text windows) or None (one shot, no windows: Wan).
-        Returns the flow prediction [B, F, H, W, C_out] in `dtype`.
+        Returns the flow prediction [B, F, H, W, C_out] in `dtype`. The same as
+        `head(run_blocks(embed(...)), ...)` (the split a step cache uses).
         """
+        e = self.embed(latents, timesteps, text_states, layout)
+        x = self.run_blocks(e.x, e.context, e.t_mod, e.rope, layout)
+        return self.head(x, e.temb, self.token_grid(latents.shape))
+
+    def embed(self, latents, timesteps, text_states, layout=None) -> Embedded:
+        """The block stack's inputs (see `Embedded`) from `__call__`'s arguments."""
         b = latents.shape[0]
         grid = self.token_grid(latents.shape)
         if layout is not None and (layout.num_latent_frames, layout.tokens_per_frame) != (
@@ -106,13 +129,10 @@ class WanDiT(nnx.Module):
         rules = self.rules
         x = constrain(x.astype(jnp.float32), ("batch", "sequence", "act_embed"), rules)
         context = constrain(context, ("batch", None, None), rules)
-        x = self._run_blocks(x, context, t_mod, rope, layout)
-        shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32) + temb[:, None], 2, axis=1)
-        x = self.proj_out((self.norm_out(x) * (1 + scale) + shift).astype(self.dtype))
-        return self._unpatchify(x, grid)
+        return Embedded(x, temb, t_mod, context, rope)
 
-    def _run_blocks(self, x, context, t_mod, rope, layout):
-        """Scan the stacked blocks over the float32 residual stream x: [B, L, dim]."""
+    def run_blocks(self, x, context, t_mod, rope, layout=None):
+        """Scan the stacked blocks over the float32 residual stream x: [B, L, dim] -> [B, L, dim]."""
 
         rules = self.rules
 
@@ -125,6 +145,13 @@ class WanDiT(nnx.Module):
         scan = nnx.scan(step, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
                         unroll=1 if self.scan_layers else True)
         return scan(self.blocks, x)
+
+    def head(self, x, temb, grid):
+        """Modulated output head + unpatchify: x [B, L, dim] float32, temb [B, dim], grid (F, h,
+        w) from `token_grid` -> [B, F, H, W, C_out] in `dtype`."""
+        shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32) + temb[:, None], 2, axis=1)
+        x = self.proj_out((self.norm_out(x) * (1 + scale) + shift).astype(self.dtype))
+        return self._unpatchify(x, grid)
 
     def _unpatchify(self, x, grid):
         """[B, L, pt*ph*pw*C] (channel order (pt, ph, pw, c)) -> [B, F, H, W, C]."""

@@ -24,6 +24,7 @@ import numpy as np
 
 from holocine_jax import prompts
 from holocine_jax.data.manifest import cuts_field, shot_fields
+from holocine_jax.sample.cache import cache_settings
 from holocine_jax.sample.output import to_uint8, write_film
 from holocine_jax.sample.sampler import sample_film, scheduler_from_config
 from holocine_jax.shots import ShotLayout, even_cuts, snap_cuts
@@ -213,6 +214,7 @@ def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True
     from holocine_jax.vae import make_vae
 
     films = list(films)
+    cache = cache_settings(config)  # a bad config.sample.cache fails before anything loads
     for i, film in enumerate(films):  # every film's prompt and cuts, before anything is loaded
         try:
             film_cuts(film, film.num_frames or config.video.num_frames)
@@ -238,7 +240,8 @@ def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True
                                      guidance_scale=config.sample.guidance_scale,
                                      order=config.sample.order, grid=config.sample.unipc_grid,
                                      experts=list(config.experts.names),
-                                     boundary=config.experts.boundary))
+                                     boundary=config.experts.boundary,
+                                     cache=cache))
             target = tmp if len(films) == 1 else os.path.join(tmp, f"film_{i:03d}")
             paths = write_film(target, clip, fps=config.video.fps, cut_frames=layout.pixel_cuts(),
                                metadata=meta, columns=config.sample.contact_columns)

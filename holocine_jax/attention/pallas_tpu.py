@@ -43,12 +43,12 @@ def chunk_width(minor_blocks: int) -> int:
     return max(CHUNK_STEPS, minor_blocks)
 
 
-def _chunk(index, full, count, ends, first_row, width: int):
+def _chunk(index, full, count, starts, ends, first_row, width: int):
     """The step list of rows first_row.. of one film whose steps fit in `width`: (packed
     [width] int32, number of real steps, the row after the chunk). index/full [n, m] per-row
-    lists, count/ends [n] counts and their cumsum. Entries past the real steps repeat the last."""
+    lists; count/starts/ends [n]: each row's steps and where they start and end. Entries past
+    the real steps repeat the last."""
     n, m = index.shape
-    starts = ends - count
     s0 = starts[first_row]
     next_row = jnp.searchsorted(ends, s0 + width, side="right").astype(jnp.int32)
     num = ends[next_row - 1] - s0
@@ -68,15 +68,15 @@ def walk(call, lists, init, *args):
     steps; `init`: the outputs where no step writes (rows without active blocks)."""
     index, full, count = lists
     ends = jnp.cumsum(count).astype(jnp.int32)
-    starts = jnp.append(ends - count, ends[-1])      # starts[n] = total: the loop's end
+    starts = ends - count
     width = chunk_width(index.shape[1])
 
     def step(carry):
         row, outs = carry
-        packed, num, row = _chunk(index, full, count, ends, row, width)
+        packed, num, row = _chunk(index, full, count, starts, ends, row, width)
         return row, tuple(call(packed, num, *args, *outs))
 
-    more = lambda carry: starts[carry[0]] < ends[-1]
+    more = lambda carry: jnp.append(starts, ends[-1])[carry[0]] < ends[-1]   # row n: done
     return jax.lax.while_loop(more, step, (jnp.int32(0), tuple(init)))[1]
 
 

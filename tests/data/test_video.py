@@ -1,11 +1,13 @@
-"""PyAV video I/O against known rendered content: round trip, cuts, seek/range, fps, resize."""
+"""PyAV video I/O against known rendered content: round trip, cuts, seek/range, fps, resize;
+the uint8 -> [-1, 1] conversion."""
+import jax
 import numpy as np
 import pytest
 
 from holocine_jax import world
 from holocine_jax.data.cuts import detect_cuts
 from holocine_jax.data.video import (VideoError, probe_video, read_video, resample_indices,
-                                     write_video)
+                                     to_unit_range, write_video)
 
 BITS = 6
 
@@ -142,3 +144,17 @@ def test_encoding_same_frames_decodes_alike(tmp_path):
         decoded.append(read_video(str(tmp_path / f"{k}.mp4")).astype(np.int16))
     for d in decoded[1:]:
         assert np.abs(d - decoded[0]).mean() < 0.5
+
+
+def test_to_unit_range_is_x_over_127_5_minus_1_eager_and_compiled():
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 4, 64)
+    want = pixels.astype(np.float32) / 127.5 - 1.0  # what the pipeline's workers used to ship
+    for fn in (to_unit_range, jax.jit(to_unit_range)):
+        got = np.asarray(fn(pixels))
+        assert got.dtype == np.float32 and got.shape == pixels.shape
+        # XLA may divide by multiplying with 1/127.5: one float32 ulp (< 2^-23 here) at most
+        np.testing.assert_allclose(got, want, rtol=0, atol=2.0**-23)
+    halves = np.float16([-1.0, 0.25, 1.0])   # floats are taken as already in [-1, 1]
+    np.testing.assert_array_equal(np.asarray(to_unit_range(halves)), [-1.0, 0.25, 1.0])
+    with pytest.raises(ValueError, match="uint8 pixels or float.*int16"):
+        to_unit_range(np.int16([3]))

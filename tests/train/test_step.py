@@ -191,6 +191,21 @@ def test_batch_encoder_is_one_compiled_program_equal_to_the_eager_path():
     assert CountingTextEncoder.calls == 1 and vae.calls == 1
 
 
+def test_batch_encoder_takes_the_pipelines_uint8_pixels_as_x_over_127_5_minus_1():
+    from holocine_jax.train.step import make_batch_encoder
+    from holocine_jax.vae import make_vae
+
+    c = config()
+    vae = make_vae(c)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 17, 64, 64, 3), dtype=np.uint8)
+    text = np.zeros((2, 64, 32), np.float32)
+    got = make_batch_encoder(c, vae=vae)(dict(video=pixels, text_states=text))["latents"]
+    floats = pixels.astype(np.float32) / 127.5 - 1.0  # what the pipeline shipped before
+    want = prepare_batch(dict(video=floats, text_states=text), c, vae=vae)["latents"]
+    assert got.shape == (2, 5, 8, 8, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_progress_line_and_durations():
     from holocine_jax.train.metrics import format_duration, progress_line
 

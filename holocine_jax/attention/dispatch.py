@@ -3,7 +3,7 @@
 The model calls `attend` (video self-attention, with its AttentionSpec and sharding rules) and
 `cross_attention` (video -> text); `shot_attention` is the public keyword form of `attend`.
 
-- `layout=None`: one shot covering the film, plain attention (`jax.nn.dot_product_attention`).
+- `layout=None`: one shot covering the film, plain attention (`executors.dense_attention`).
 - no mesh splitting the sequence: `executors.attend_local` (reference masks, plain attention for
   `full` under impl auto, else the block plan on the platform's executor: impl auto is the
   Pallas kernel on TPU / GPU, the blocked XLA executor on CPU).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 
 from holocine_jax.attention.context import choose_strategy, context_attention, halo_tokens, sequence_axis
-from holocine_jax.attention.executors import attend_local
+from holocine_jax.attention.executors import attend_local, dense_attention
 from holocine_jax.attention.spec import AttentionSpec
 
 _DEFAULT = AttentionSpec()
@@ -46,7 +46,7 @@ def attend(q, k, v, layout, spec: AttentionSpec, rules=None):
     the sequence, whose shard_map specs come from them.
     """
     if layout is None:
-        return jax.nn.dot_product_attention(q, k, v)
+        return dense_attention(q, k, v)
     mesh = _context_mesh(rules)
     if mesh is None:
         return attend_local(q, k, v, layout, spec)

@@ -1,9 +1,13 @@
 """Executors of shot attention on one device's tokens: what the dispatch and the context bodies
 run (DESIGN §5). Nothing here looks at a mesh's `context` axis or re-enters the dispatch.
 
+- `dense_attention(q, k, v)`: unmasked attention (`layout=None`, `full` under impl auto): the
+  blocked online-softmax `xla.dense_attention_xla` on CPU (no [L, L] buffer; ~3x faster than
+  `jax.nn.dot_product_attention` there at L = 4096, benchmarks/shot_attention.py), else
+  `jax.nn.dot_product_attention` (XLA's / cuDNN's fused attention on TPU / GPU).
 - `attend_local(q, k, v, layout, spec)`: the whole film on this device (or, inside Ulysses'
-  shard_map, the whole film for this device's heads): reference masks, `jax.nn.dot_product_attention`
-  for `full` under impl auto, else the block plan on `attend_plan`.
+  shard_map, the whole film for this device's heads): reference masks, `dense_attention` for
+  `full` under impl auto, else the block plan on `attend_plan`.
 - `attend_plan(q, k, v, plan, spec)`: a block plan on the executor for this platform: impl auto
   is "pallas" on TPU / GPU (the platform of the active mesh's devices, so an AOT compile for a TPU
   topology from a CPU host picks the TPU kernel), "xla" on CPU; `spec.interpret` runs the TPU
@@ -16,7 +20,7 @@ import jax
 from holocine_jax.attention.plan import make_plan
 from holocine_jax.attention.reference import shot_attention_reference
 from holocine_jax.attention.spec import AttentionSpec
-from holocine_jax.attention.xla import shot_attention_xla
+from holocine_jax.attention.xla import dense_attention_xla, shot_attention_xla
 
 
 def platform() -> str:
@@ -31,6 +35,13 @@ def fit_block(block: int, length: int) -> int:
     return min(block, max(16, 1 << (length - 1).bit_length()))
 
 
+def dense_attention(q, k, v):
+    """softmax(q k^T / sqrt(D)) v. q: [B, Lq, H, D]; k, v: [B, Lk, H, D]. -> [B, Lq, H, D]."""
+    if platform() == "cpu":
+        return dense_attention_xla(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v)
+
+
 def attend_local(q, k, v, layout, spec: AttentionSpec):
     """q, k, v: [B, L, H, D], L = layout.num_tokens; layout batched or unbatched. -> [B, L, H, D]."""
     b, length = q.shape[:2]
@@ -39,7 +50,7 @@ def attend_local(q, k, v, layout, spec: AttentionSpec):
                          f"({layout.num_latent_frames} frames x {layout.tokens_per_frame})")
     layout = layout.broadcast_to_batch(b)
     if spec.impl == "auto" and spec.mode == "full":
-        return jax.nn.dot_product_attention(q, k, v)
+        return dense_attention(q, k, v)
     if spec.impl == "reference":
         return shot_attention_reference(q, k, v, layout, mode=spec.mode,
                                          summary_self_weight=spec.summary_self_weight)

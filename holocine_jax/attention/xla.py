@@ -1,6 +1,13 @@
-"""Blocked shot attention in plain XLA over a BlockPlan (DESIGN §5): runs on every backend.
+"""Blocked attention in plain XLA (DESIGN §5): runs on every backend; the CPU executors.
 
-Forward: all q blocks advance together through their lists of active kv blocks (a while loop of
+`dense_attention_xla`: plain softmax(q k^T / sqrt(D)) v (no mask), for `full` mode and
+`layout=None`, in fixed chunks: the forward maps over q chunks and scans their kv chunks with an
+online softmax; the backward (custom VJP, from the saved log-sum-exp) scans kv chunks and, inside,
+q chunks (dK/dV accumulate in the carry, dQ chunks pass through). Live memory is one
+[B, H, chunk_q, chunk_kv] tile: no [L, L] buffer, so the tile stays in cache and XLA:CPU runs it
+~2x faster than `jax.nn.dot_product_attention`, which materialises the logits.
+
+`shot_attention_xla`: shot attention over a BlockPlan. Forward: all q blocks advance together through their lists of active kv blocks (a while loop of
 max(kv_count) steps, dynamic): gather the kv blocks, recompute the mask of each block pair from
 per-token shot ids, online softmax in float32. Backward (custom VJP): the same row loop from the
 saved log-sum-exp (FlashAttention-2 style) computes dQ and scatter-adds dK/dV into their kv
@@ -18,6 +25,133 @@ from holocine_jax.attention.plan import BlockPlan
 from holocine_jax.shots import own_summary, self_attention_allowed
 
 _F32 = jnp.float32
+
+
+def _chunks(x, block):
+    """[B, L, H, D] -> [n, B, H, block, D], zero padded (n = ceil(L / block))."""
+    b, length, h, d = x.shape
+    n = -(-length // block)
+    x = jnp.pad(x, ((0, 0), (0, n * block - length), (0, 0), (0, 0)))
+    return x.reshape(b, n, block, h, d).transpose(1, 0, 3, 2, 4)
+
+
+def _unchunk(x, length):
+    """[n, B, H, block, D] -> [B, length, H, D]."""
+    n, b, h, block, d = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, n * block, h, d)[:, :length]
+
+
+def _row_chunks(x, block):
+    """[B, H, L] row statistics -> [n, B, H, block] (zero padded)."""
+    b, h, length = x.shape
+    n = -(-length // block)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, n * block - length)))
+    return x.reshape(b, h, n, block).transpose(2, 0, 1, 3)
+
+
+def _key_bias(length, n, block):
+    """[n, block] f32: 0 on real keys, -inf on the padding of the last chunk; None if none."""
+    if n * block == length:
+        return None
+    return jnp.where(jnp.arange(n * block) < length, 0.0, -jnp.inf).astype(_F32).reshape(n, block)
+
+
+def _dense_logits(qc, kc, bias, scale):
+    """[B, H, cq, ck] f32 logits of one chunk pair (+ the padded keys' -inf)."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc, preferred_element_type=_F32) * scale
+    return s if bias is None else s + bias
+
+
+def _dense_forward(q, k, v, block_q, block_kv):
+    """out [B, Lq, H, D] and lse [B, H, Lq] (f32)."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    kc, vc = _chunks(k, block_kv), _chunks(v, block_kv)
+    bias = _key_bias(lk, kc.shape[0], block_kv)
+
+    def row(qc):
+        def step(carry, kv):
+            m, l, acc = carry
+            kj, vj, bj = kv
+            s = _dense_logits(qc, kj, bj, scale)
+            m_new = jnp.maximum(m, s.max(-1))   # finite from the first chunk on (>= 1 real key)
+            p = jnp.exp(s - m_new[..., None])
+            alpha = jnp.exp(m - m_new)
+            pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vj, preferred_element_type=_F32)
+            return (m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv), None
+
+        init = (jnp.full((b, h, block_q), -jnp.inf, _F32), jnp.zeros((b, h, block_q), _F32),
+                jnp.zeros((b, h, block_q, d), _F32))
+        (m, l, acc), _ = jax.lax.scan(step, init, (kc, vc, bias))
+        return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+
+    out, lse = jax.lax.map(row, _chunks(q, block_q))
+    lse = lse.transpose(1, 2, 0, 3).reshape(b, h, -1)[..., :lq]
+    return _unchunk(out, lq), lse
+
+
+def _dense_backward(q, k, v, out, lse, do, block_q, block_kv):
+    """dq, dk, dv of `_dense_forward` from its lse: kv chunks outside, q chunks inside."""
+    lq, lk, d = q.shape[1], k.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(d)
+    qc, doc = _chunks(q, block_q), _chunks(do, block_q)
+    kc, vc = _chunks(k, block_kv), _chunks(v, block_kv)
+    bias = _key_bias(lk, kc.shape[0], block_kv)
+    delta = jnp.einsum("blhd,blhd->bhl", do.astype(_F32), out.astype(_F32))
+    rows = (qc, doc, _row_chunks(lse, block_q), _row_chunks(delta, block_q))
+
+    def column(dq, kv):
+        kj, vj, bj = kv
+
+        def step(carry, row):
+            dk, dv = carry
+            (qi, doi, lse_i, delta_i), dqi = row
+            p = jnp.exp(_dense_logits(qi, kj, bj, scale) - lse_i[..., None])
+            dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vj, preferred_element_type=_F32)
+            ds = p * (dp - delta_i[..., None])
+            dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), doi,
+                                 preferred_element_type=_F32)
+            dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qi,
+                                 preferred_element_type=_F32)
+            dqi = dqi + jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), kj,
+                                   preferred_element_type=_F32)
+            return (dk, dv), dqi
+
+        zeros = jnp.zeros(kj.shape, _F32)
+        (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), (rows, dq))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(column, jnp.zeros(qc.shape, _F32), (kc, vc, bias))
+    return (_unchunk(dq * scale, lq).astype(q.dtype), _unchunk(dk * scale, lk).astype(k.dtype),
+            _unchunk(dv, lk).astype(v.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dense(q, k, v, block_q, block_kv):
+    return _dense_forward(q, k, v, block_q, block_kv)[0]
+
+
+def _dense_fwd(q, k, v, block_q, block_kv):
+    out, lse = _dense_forward(q, k, v, block_q, block_kv)
+    return out, (q, k, v, out, lse)
+
+
+def _dense_bwd(block_q, block_kv, res, do):
+    return _dense_backward(*res, do, block_q, block_kv)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense_attention_xla(q, k, v, *, block_q=512, block_kv=2048):
+    """softmax(q k^T / sqrt(D)) v with float32 statistics. q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
+    Returns [B, Lq, H, D] in q's dtype; differentiable w.r.t. q, k, v (memory O(L), not O(L^2)).
+
+    block_q, block_kv: chunk sizes, clipped to the lengths (one chunk pair when both fit).
+    """
+    block_q, block_kv = min(block_q, q.shape[1]), min(block_kv, k.shape[1])
+    return _dense(q, k, v, block_q, block_kv)
 
 
 def _to_blocks(x, n, block):

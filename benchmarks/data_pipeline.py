@@ -1,28 +1,45 @@
-"""Grain pipeline throughput vs a plain Python loop over the same records (issue 7).
+"""Grain pipeline throughput with 0, 1 and 2 worker processes, and where the time goes (issue 16).
 
-    python benchmarks/data_pipeline.py [--films 64] [--batches 24] [--batch 8]
+    python benchmarks/data_pipeline.py [--films 64] [--batches 24] [--big-films 16]
+        [--big-batches 12] [--big-size 480x832] [--batch 8]
         [--out benchmarks/results/data_pipeline.json]
 
-Writes a synthetic dataset (tiny config: 33 frames of 64x64), then times, after one warm-up
-batch, `--batches` batches of: a plain loop (read record, decode, build the example, stack; one
-process) and the Grain pipeline with 0, 1 and 2 worker processes, all tokenising the prompt and
-building the ShotLayout. films/s counts examples; MB/s the float32 video bytes delivered.
+Two datasets, both made by the project's build path (synthetic-world films rendered, written as
+H.264 mp4 with PyAV, a manifest, `build_dataset`: decoded, resized uint8 frames in zlib-encoded
+ArrayRecord records): the tiny config's 33 frames of 64x64, and 33 frames of `--big-size`.
+For each, after one warm-up batch, times `--batches` batches of a plain loop (read, transform,
+stack; no Grain) and of the pipeline with 0, 1 and 2 workers, all tokenising the prompt and
+building the ShotLayout. films/s counts examples; MB/s the uint8 video bytes delivered.
+
+Stages (ms per film, one process, serial): read (the raw ArrayRecord record), decode (zlib
+inflate of the frames by TFDS), transform (`ExampleTransform`), stack (batching in the main
+process), ipc put (a worker copies the frames into shared memory), ipc get+stack (the main
+process maps them and batches), and to_float32 (what the transform did before this change).
+`bound 2w`: the best 2-workers / 0-workers ratio 2 cores allow given these costs (workers spend
+read + decode + transform + ipc put per film, the main process ipc get+stack).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
+import tensorflow_datasets as tfds
+from grain.multiprocessing import SharedMemoryArray
 
 from holocine_jax.config import load_config
-from holocine_jax.data.dataset import load_data_source, write_synthetic_dataset
+from holocine_jax.data.dataset import dataset_dir, load_data_source, write_synthetic_dataset
 from holocine_jax.data.pipeline import ExampleTransform, _stack, make_pipeline
 from holocine_jax.text import world_tokenizer
+
+
+def say(msg: str) -> None:
+    print(f"data_pipeline: {msg}", file=sys.stderr, flush=True)
 
 
 def plain_loop(data_dir, config, tokenizer, batch, num_batches):
@@ -40,46 +57,127 @@ def plain_loop(data_dir, config, tokenizer, batch, num_batches):
 
 
 def timed(batches, num_batches):
+    """(seconds, video bytes) of `num_batches` batches after one warm-up batch."""
     next(batches)  # warm-up: worker start, file handles
     start = time.perf_counter()
     nbytes = sum(next(batches)["video"].nbytes for _ in range(num_batches))
     return time.perf_counter() - start, nbytes
 
 
+def per_film(fn, items, films: int | None = None) -> tuple[float, list]:
+    """(ms per film, results) of fn over items (`films` in all; default one per item)."""
+    start = time.perf_counter()
+    out = [fn(x) for x in items]
+    return (time.perf_counter() - start) / (films or len(items)) * 1e3, out
+
+
+def stages(data_dir, config, tokenizer, batch) -> dict:
+    """ms per film of each stage (module docstring), over every record of `data_dir`."""
+    builder = tfds.builder_from_directory(dataset_dir(data_dir))
+    raw = builder.as_data_source("train", decoders={"video": tfds.decode.SkipDecoding()})
+    full, transform = load_data_source(data_dir), ExampleTransform(config, tokenizer)
+    n = len(full)
+    groups = lambda xs: [xs[i:i + batch] for i in range(0, n, batch)]  # noqa: E731
+    ms = {}
+    ms["read"], _ = per_film(lambda i: raw[i], range(n))
+    read_decode, records = per_film(lambda i: full[i], range(n))
+    ms["decode"] = read_decode - ms["read"]
+    ms["transform"], examples = per_film(lambda i: transform.map((i, records[i])), range(n))
+    ms["stack"], _ = per_film(_stack, groups(examples), n)
+
+    def put(example):  # what a worker does with the frames (grain copy_to_shm)
+        shm = SharedMemoryArray(example["video"].shape, np.uint8)
+        np.copyto(shm, example["video"], casting="no")
+        return dict(example, video=shm.metadata)
+
+    def get_stack(group):  # what the main process does (grain open_from_shm, then batching)
+        opened = []
+        for e in group:
+            video = SharedMemoryArray.from_metadata(e["video"])
+            video.unlink_on_del()
+            opened.append(dict(e, video=video))
+        return _stack(opened)
+
+    ms["ipc put"], shipped = per_film(put, examples)
+    ms["ipc get+stack"], _ = per_film(get_stack, groups(shipped), n)
+    ms["to_float32"], _ = per_film(lambda e: e["video"].astype(np.float32) / 127.5 - 1.0, examples)
+    return ms
+
+
+def bound_2_workers(ms: dict) -> float:
+    """The best 2-workers / 0-workers films/s ratio on 2 cores given the stage costs."""
+    zero = ms["read"] + ms["decode"] + ms["transform"] + ms["stack"]
+    worker = ms["read"] + ms["decode"] + ms["transform"] + ms["ipc put"]
+    return zero * min(2.0 / (worker + ms["ipc get+stack"]), 1.0 / ms["ipc get+stack"])
+
+
+def run_dataset(label, data_dir, config, tokenizer, batch, num_batches) -> tuple[list, dict]:
+    cases = [("plain loop", lambda: plain_loop(data_dir, config, tokenizer, batch, num_batches + 1))]
+    for workers in (0, 1, 2):
+        def grain_batches(workers=workers):
+            c = config.copy_and_resolve_references()
+            c.data.num_workers = workers
+            return make_pipeline(data_dir, c, batch_size=batch, seed=0, tokenizer=tokenizer)
+        cases.append((f"grain, {workers} workers", grain_batches))
+    rows = []
+    for name, make in cases:
+        say(f"{label}: {name}, {num_batches} batches of {batch} ...")
+        batches = make()
+        seconds, nbytes = timed(iter(batches), num_batches)
+        if hasattr(batches, "close"):
+            batches.close()
+        films = num_batches * batch
+        rows.append(dict(data=label, case=name, films=films, seconds=seconds,
+                         films_per_s=films / seconds, mb_per_s=nbytes / seconds / 2**20))
+        say(f"{label}: {name}: {rows[-1]['films_per_s']:.1f} films/s")
+    base = rows[1]["films_per_s"]
+    for r in rows:
+        r["ratio_vs_0_workers"] = r["films_per_s"] / base
+    say(f"{label}: stage timings ...")
+    return rows, stages(data_dir, config, tokenizer, batch)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--films", type=int, default=64)
     p.add_argument("--batches", type=int, default=24)
+    p.add_argument("--big-films", type=int, default=16)
+    p.add_argument("--big-batches", type=int, default=12)
+    p.add_argument("--big-size", default="480x832", help="HxW of the large clips")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                  "data_pipeline.json"))
     args = p.parse_args()
-    config, tokenizer = load_config("tiny"), world_tokenizer()
-    rows = []
-    with tempfile.TemporaryDirectory() as data_dir:
-        write_synthetic_dataset(data_dir, args.films, seed=0, config=config)
-        cases = [("plain loop", lambda: plain_loop(data_dir, config, tokenizer, args.batch,
-                                                   args.batches + 1))]
-        for workers in (0, 1, 2):
-            def grain_batches(workers=workers):
-                c = config.copy_and_resolve_references()
-                c.data.num_workers = workers
-                return make_pipeline(data_dir, c, batch_size=args.batch, seed=0, tokenizer=tokenizer)
-            cases.append((f"grain, {workers} workers", grain_batches))
-        for name, make in cases:
-            seconds, nbytes = timed(iter(make()), args.batches)
-            films = args.batches * args.batch
-            rows.append(dict(case=name, films=films, seconds=seconds, films_per_s=films / seconds,
-                             mb_per_s=nbytes / seconds / 2**20))
-    base = rows[0]["films_per_s"]
-    print(f"{'case':18} {'films/s':>8} {'MB/s':>8} {'vs loop':>8}")
+    h, w = (int(x) for x in args.big_size.split("x"))
+    tokenizer = world_tokenizer()
+    tiny = load_config("tiny")
+    big = load_config("tiny", [f"--config.video.height={h}", f"--config.video.width={w}"])
+    rows, stage_ms = [], {}
+    for label, config, films, num_batches in ((f"{tiny.video.height}x{tiny.video.width}", tiny,
+                                               args.films, args.batches),
+                                              (f"{h}x{w}", big, args.big_films, args.big_batches)):
+        with tempfile.TemporaryDirectory() as data_dir:
+            say(f"{label}: building {films} films ({config.video.num_frames} frames) ...")
+            write_synthetic_dataset(data_dir, films, seed=0, config=config)
+            r, stage_ms[label] = run_dataset(label, data_dir, config, tokenizer, args.batch,
+                                             num_batches)
+            rows += r
+    print(f"{'data':8} {'case':18} {'films/s':>8} {'MB/s':>8} {'vs 0 w':>7}")
     for r in rows:
-        r["ratio_vs_plain_loop"] = r["films_per_s"] / base
-        print(f"{r['case']:18} {r['films_per_s']:8.1f} {r['mb_per_s']:8.1f} {r['ratio_vs_plain_loop']:8.2f}")
+        print(f"{r['data']:8} {r['case']:18} {r['films_per_s']:8.1f} {r['mb_per_s']:8.1f} "
+              f"{r['ratio_vs_0_workers']:7.2f}")
+    names = list(next(iter(stage_ms.values())))
+    print(f"\nms per film {'':5}" + "".join(f"{n:>14}" for n in names) + f"{'bound 2w':>10}")
+    for label, ms in stage_ms.items():
+        print(f"{label:16}" + "".join(f"{ms[n]:14.2f}" for n in names)
+              + f"{bound_2_workers(ms):10.2f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(device=jax.devices()[0].device_kind, cpus=os.cpu_count(), args=vars(args),
-                       rows=rows), f, indent=1)
+        json.dump(dict(device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
+                       load_avg=os.getloadavg(), args=vars(args), rows=rows,
+                       stages_ms_per_film=stage_ms,
+                       bound_2_workers={k: bound_2_workers(v) for k, v in stage_ms.items()}),
+                  f, indent=1)
     print(f"wrote {args.out}")
 
 

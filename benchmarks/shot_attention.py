@@ -2,6 +2,7 @@
 
     python benchmarks/shot_attention.py [--frames 64 --hw 16 --heads 1 --head-dim 64]
         [--shots 2,4,8] [--block 256] [--gpu-block 128] [--repeats 2] [--sections xla,kernels]
+        [--tpu-films 241:5,961:13] [--tpu-blocks 128x128,256x256,...]
         [--out benchmarks/results/shot_attention.json]
 
 Section `kernels`: on a GPU (or TPU), the Pallas kernel's fwd and fwd+bwd time vs dense
@@ -9,8 +10,10 @@ Section `kernels`: on a GPU (or TPU), the Pallas kernel's fwd and fwd+bwd time v
 (allowed pairs x 4 D per head forward, x 3.5 for fwd+bwd as FlashAttention counts; dense
 cuDNN's TFLOP/s on its L^2 pairs beside it; GPU blocks `--gpu-block`); on a CPU,
 interpret-mode errors of both kernels vs the reference (no timings from the interpreter) and,
-with libtpu, the v5p AOT cost of the TPU kernel at the Wan shape (compiled FLOPs / useful
-FLOPs, temporaries).
+with libtpu, the block-size sweep of the TPU kernels compiled for v5p at the Wan shape with a
+traced layout (`tpu_aot_rows`: compiles or not, grids and SMEM read from the program, grid
+steps and padded FLOPs counted from the film's plan, an estimate from them; the kernel's own
+CostEstimate is not used).
 
 Default: L = 64 latent frames x 16x16 tokens = 16384, evenly spaced shots (`even_cuts`), float32,
 B = 1. Dense baseline: `jax.nn.dot_product_attention` with the [L, L] bool mask (built outside
@@ -113,7 +116,7 @@ def kernel_rows(args, rng):
         rows = [dict(kernel=name, interpret_rel_err=float(jnp.abs(fn(q, k, v, plan, interpret=True) - want).max()
                                                          / jnp.abs(want).max()))
                 for name, fn in (("pallas_tpu", shot_attention_pallas_tpu), ("pallas_gpu", shot_attention_pallas_gpu))]
-        return rows + tpu_aot_rows()
+        return rows + tpu_aot_rows(args)
     kernel = shot_attention_pallas_gpu if backend == "gpu" else shot_attention_pallas_tpu
     rows = []
     for shots in args.shots:
@@ -146,30 +149,75 @@ def kernel_rows(args, rng):
     return rows
 
 
-def tpu_aot_rows():
-    """Compiled FLOPs / useful FLOPs and temporaries of the TPU kernel for v5p at the Wan shape."""
+STEP_OVERHEAD_S = 0.35e-6   # per Pallas TPU grid step (the Pallas TPU docs' figure)
+
+
+def tpu_aot_rows(args):
+    """The TPU kernels' forward + backward compiled for v5p with the layout traced (as in
+    training), per chip at the README mesh (40 heads / 8 = 5 heads of 128, bf16), for each
+    block size: whether it compiles (else which resource, which kernel), the kernels' grids and
+    SMEM read back from the Mosaic modules, temporaries, the steps the grid runs (active block
+    pairs of the film's plan, x heads, x 3 kernels; counted in test_pallas_work.py), the padded
+    FLOPs they do / the useful ones, and est = FLOPs / peak + steps x STEP_OVERHEAD_S."""
     import importlib.util
     if importlib.util.find_spec("libtpu") is None:
         return []
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from holocine_jax.attention.pallas_tpu import shot_attention_pallas_tpu
-    from holocine_jax.compile import topology_devices
+    from holocine_jax.compile import CHIPS, compile_failure, topology_devices
+    from holocine_jax.parallel.hlo import mosaic_kernels
 
-    film = ShotLayout.from_cuts(241, even_cuts(241, 5), latent_hw=(30, 52), max_shots=5)
-    layout = film.broadcast_to_batch(1)
-    mesh = Mesh(np.array(topology_devices("v5p:2x2x1")[:1]), ("x",))
-    x = jax.ShapeDtypeStruct((1, layout.num_tokens, 10, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    heads_total, d = 40, 128
+    devices = topology_devices("v5p:2x2x2")
+    mesh = Mesh(np.array(devices).reshape(-1), ("heads",))
+    heads = heads_total // mesh.size
+    spec = P(None, None, "heads", None)
     rows = []
-    for bq, bk in ((512, 256), (512, 512), (1024, 512)):
-        plan = make_plan(layout, block_q=bq, block_kv=bk)
-        fwd = lambda q, k, v: shot_attention_pallas_tpu(q, k, v, plan)
-        bwd = lambda q, k, v: jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), (0, 1, 2))(q, k, v)
-        useful = film.num_allowed_pairs("sparse") * 128 * 10
-        for pass_, fn, units in (("fwd", fwd, 4), ("fwd+bwd", bwd, 18)):
-            c = jax.jit(fn).lower(x, x, x).compile()
-            rows.append(dict(kernel="pallas_tpu v5p AOT", block=f"{bq}x{bk}", pass_=pass_,
-                             tokens=layout.num_tokens, flops_over_useful=c.cost_analysis()["flops"] / (units * useful),
-                             temp_mb=_mb(c.memory_analysis().temp_size_in_bytes)))
+    for film_spec in args.tpu_films.split(","):
+        frames, shots = (int(x) for x in film_spec.split(":"))
+        film = ShotLayout.from_cuts(frames, even_cuts(frames, shots), latent_hw=(30, 52), max_shots=13)
+        layout = film.broadcast_to_batch(1)
+        length = layout.num_tokens
+        useful = film.num_allowed_pairs("sparse") * d * heads * 18   # fwd 4 + dQ 6 + dK/dV 8
+        for block in args.tpu_blocks.split(","):
+            bq, bk = (int(x) for x in block.split("x"))
+            print(f"shot_attention: v5p AOT, {frames} frames / {shots} shots, blocks {bq}x{bk} ...",
+                  flush=True)
+
+            def grads(q, k, v, layout, bq=bq, bk=bk):
+                def local(q, k, v, layout):
+                    plan = make_plan(layout, mode="sparse", block_q=bq, block_kv=bk)
+                    return shot_attention_pallas_tpu(q, k, v, plan)
+                attend = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3 + (P(),),
+                                       out_specs=spec, check_vma=False)
+                loss = lambda q, k, v: jnp.sum(attend(q, k, v, layout).astype(jnp.float32))
+                return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+            x = jax.ShapeDtypeStruct((1, length, heads_total, d), jnp.bfloat16,
+                                     sharding=NamedSharding(mesh, spec))
+            traced = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+                a.shape, a.dtype, sharding=NamedSharding(mesh, P())), layout)
+            pairs = int(np.asarray(make_plan(layout, mode="sparse", block_q=bq,
+                                             block_kv=bk).kv_count).sum())
+            steps = 3 * heads * pairs
+            flops = 18 * heads * pairs * bq * bk * d
+            row = dict(kernel="pallas_tpu v5p AOT", frames=frames, shots=shots, tokens=length,
+                       block=f"{bq}x{bk}", heads_per_chip=heads, active_pairs=pairs,
+                       grid_steps=steps, padded_over_useful=flops / useful,
+                       est_ms=1e3 * (flops / CHIPS["TPU v5"]["flops"] + steps * STEP_OVERHEAD_S))
+            try:
+                c = jax.jit(grads).lower(x, x, x, traced).compile()
+            except jax.errors.JaxRuntimeError as e:
+                failure = compile_failure(str(e))
+                if failure is None:
+                    raise
+                rows.append(dict(row, compiles=False, failure=f"{failure['resource']} in "
+                                                              f"{failure.get('kernel', '-')}"))
+                continue
+            kernels = mosaic_kernels(c.as_text())
+            rows.append(dict(row, compiles=True, temp_mb=_mb(c.memory_analysis().temp_size_in_bytes),
+                             grids=sorted({str(k["grid"]) for k in kernels}),
+                             smem_kib=max(k["smem_bytes"] for k in kernels) / 1024))
     return rows
 
 
@@ -194,6 +242,8 @@ def main():
     parser.add_argument("--gpu-block", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sections", default="xla,kernels")
+    parser.add_argument("--tpu-films", default="241:5,961:13", help="FRAMES:SHOTS,... (TPU AOT)")
+    parser.add_argument("--tpu-blocks", default="128x128,256x256,512x256,256x512,512x512")
     parser.add_argument("--out", default="benchmarks/results/shot_attention.json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)

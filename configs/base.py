@@ -121,6 +121,11 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
     # summary_self_weight (2.0 = the released checkpoints), block_q / block_kv,
     # context_strategy ulysses | shot_aware | auto, context_halo_frames (-1: the whole film).
     c.attention = ml_collections.ConfigDict(AttentionSpec.config_fields())
+    # 512 x 512 blocks for the real films, chosen by `benchmarks/shot_attention.py --sections
+    # kernels` (v5p AOT, traced layouts, 5 heads/chip): est. 119 ms per layer (fwd + bwd, one chip) at 241
+    # frames / 5 shots vs 853 ms at 128 x 128 (7.2x fewer grid steps for 1.09x padded FLOPs), 925 vs
+    # 6385 ms at 961 / 13. GPU (Triton) users: 128 x 128.
+    c.attention.update(block_q=512, block_kv=512)
     c.shots = ml_collections.ConfigDict(dict(max_shots=13, summary_frames=1))
     c.video = ml_collections.ConfigDict(dict(
         num_frames=sampling["num_frames"], height=sampling["height"], width=sampling["width"],

@@ -70,13 +70,13 @@ def shot_attention(q, k, v, layout=None, *, mode=_DEFAULT.mode, impl=_DEFAULT.im
 def cross_attention(q, k, v, layout=None):
     """Video -> text attention. q: [B, L, H, D]; k, v: [B, Lt, H, D]. Returns [B, L, H, D].
 
-    `layout=None` (or a layout without text windows) means every token sees all text. With
+    `layout=None` means every token sees all text (`executors.dense_attention`). With
     windows: a dense boolean mask from the window predicate (ShotLayout.cross_attention_mask);
     `jax.nn.dot_product_attention` gives disallowed pairs exactly zero weight, which equals the
     official additive -1e4 to float32 precision since every video token sees the global window.
     """
     if layout is None:
-        return jax.nn.dot_product_attention(q, k, v)
+        return dense_attention(q, k, v)
     layout = layout.broadcast_to_batch(q.shape[0])
     mask = layout.cross_attention_mask(k.shape[1])[:, None]  # [B, 1, L, Lt]
     return jax.nn.dot_product_attention(q, k, v, mask=mask)

@@ -33,8 +33,8 @@ BATCH = {"tiny": 8, "mid": 1}
 
 
 def jax_step(model, config, batch):
-    graphdef, params, rest = split_model(model)
-    state = init_train_state(config, params)
+    graphdef, params, frozen, rest = split_model(model)
+    state = init_train_state(config, params, frozen)
     step = jax.jit(make_train_step(config, graphdef, rest), donate_argnums=0)
     holder = [state]
 

@@ -6,6 +6,7 @@ Sources: diffusers `WanTransformer3DModel` configs and the official Wan2.1/2.2 r
 import ml_collections
 
 from holocine_jax.attention.spec import AttentionSpec
+from holocine_jax.model import lora
 
 # DiT sizes: dim / ffn_dim / heads / layers / latent channels. Head dim is 128 everywhere.
 WAN_MODELS = {
@@ -188,6 +189,9 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         async_checkpoints=True,
         loss_buckets=4,           # loss is also reported per timestep bucket of 1000/loss_buckets
         profile_steps=0,          # > 0: capture a profiler trace of this many steps after step 5
+        # LoRA (model/lora.py): rank > 0 trains adapters on `targets` alone, the base (init_from,
+        # or the seed's weights) frozen; scale alpha / rank (alpha 0: = rank).
+        lora=ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=lora.TARGETS)),
     ))
     c.eval = ml_collections.ConfigDict(dict(
         cut_tolerance=2, num_films=8,

@@ -123,11 +123,33 @@ def check_experts(config, paths) -> None:
                              + "; ".join(f"{p!r} holds the {e!r} expert" for p, e in zip(paths, stored)))
 
 
+def is_lora_run(config) -> bool:
+    """Whether `config` (a run config or a stored config.json) trains LoRA adapters."""
+    return bool("train" in config and "lora" in config.train and config.train.lora.rank)
+
+
+def without_lora(config) -> ml_collections.ConfigDict:
+    """A copy of `config` without adapters: the base model a LoRA run trains on."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if is_lora_run(config):
+        config.train.lora.rank = 0
+    return config
+
+
 def load_params(ckpt_dir: str, config=None, *, step: int | None = None) -> WanDiT:
-    """WanDiT restored from the latest (or given) complete step of a checkpoint directory."""
+    """WanDiT restored from the latest (or given) complete step of a checkpoint directory.
+
+    A LoRA run's checkpoint holds the adapters only: the model is its base (the run config's
+    train.init_from or seed, as `train.loop.initial_model` builds it) with those adapters, unmerged.
+    """
     config = config if config is not None else load_config_json(ckpt_dir)
     abstract = nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    if is_lora_run(config):
+        from holocine_jax.train.loop import initial_model   # the base, as training built it
+        abstract = initial_model(config)
+        graphdef, params, rest = nnx.split(abstract, nnx.LoRAParam, ...)
+    else:
+        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     with ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("params",)) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:

@@ -100,8 +100,9 @@ def compile_train_step(config, mesh, *, num_shots: int):
     from holocine_jax.train.state import init_train_state, split_model
     from holocine_jax.train.step import make_train_step
 
-    graphdef, params, rest = split_model(nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(0))))
-    state = jax.eval_shape(lambda p: init_train_state(config, p), params)
+    graphdef, params, frozen, rest = split_model(
+        nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(0))))
+    state = jax.eval_shape(lambda p, f: init_train_state(config, p, f), params, frozen)
     sharding = state_shardings(state, mesh, config.mesh.rules)
     batch = abstract_batch(config, mesh, num_shots=num_shots)
     step = jax.jit(make_train_step(config, graphdef, rest), out_shardings=(sharding, None),

@@ -55,7 +55,7 @@ def test_low_expert_import_train_export(release, tmp_path, capsys):
     assert config.expert == "low"
     # A train step started from it (init_from) trains the low-noise range: t < boundary * 1000.
     config.train.init_from = ckpt
-    graphdef, params, rest = split_model(initial_model(config))
+    graphdef, params, _, rest = split_model(initial_model(config))
     rng = np.random.default_rng(0)
     batch = dict(latents=jnp.asarray(rng.standard_normal((32, 2, 4, 4, 16)), jnp.float32),
                  text_states=jnp.asarray(rng.standard_normal((32, 8, 32)), jnp.float32))

@@ -20,12 +20,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from holocine_jax.attention import AttentionSpec
 from holocine_jax.model.block import WanTransformerBlock
 from holocine_jax.model.embeddings import ConditionEmbedder, patch_embedding
 from holocine_jax.model.layers import dense, layer_norm, modulation_table, zeros
+from holocine_jax.model.lora import LoRASpec
 from holocine_jax.model.rope import rope_tables
 from holocine_jax.parallel.mesh import constrain, frozen_rules
 
@@ -44,13 +46,13 @@ class Embedded(NamedTuple):
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
-def _stacked_blocks(m, spec: AttentionSpec, rules, rngs: nnx.Rngs):
+def _stacked_blocks(m, spec: AttentionSpec, rules, lora: LoRASpec, rngs: nnx.Rngs):
     """`m.num_layers` blocks with parameters stacked on a leading `layers` axis."""
 
     @nnx.split_rngs(splits=m.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def create(rngs):
-        return WanTransformerBlock(m, spec, rules, rngs=rngs)
+        return WanTransformerBlock(m, spec, rules, rngs=rngs, lora=lora)
 
     return create(rngs)
 
@@ -62,7 +64,8 @@ class WanDiT(nnx.Module):
     how self-attention runs; rules: the logical-axis sharding rules (`config.mesh.rules`).
     """
 
-    def __init__(self, config, attention: AttentionSpec, rules=(), *, rngs: nnx.Rngs):
+    def __init__(self, config, attention: AttentionSpec, rules=(), *, rngs: nnx.Rngs,
+                 lora: LoRASpec = LoRASpec()):
         m = config
         if m.remat not in REMAT_POLICIES:
             raise ValueError(f"config.model.remat={m.remat!r}; expected one of {REMAT_POLICIES}")
@@ -81,7 +84,9 @@ class WanDiT(nnx.Module):
                                                param_dtype=param_dtype, rngs=rngs)
         self.condition_embedder = ConditionEmbedder(dim=m.dim, freq_dim=m.freq_dim, text_dim=m.text_dim,
                                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = _stacked_blocks(m, attention, self.rules, rngs)
+        self.lora = lora
+        self.lora_shots = None   # per-shot adapters (set_lora_shots): shots of each rank column
+        self.blocks = _stacked_blocks(m, attention, self.rules, lora, rngs)
         self.norm_out = layer_norm(m.dim, eps=m.eps, affine=False, param_dtype=param_dtype, rngs=rngs)
         self.proj_out = dense(m.dim, m.out_channels * math.prod(self.patch_size), ("embed", None),
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=zeros)
@@ -89,9 +94,35 @@ class WanDiT(nnx.Module):
 
     @classmethod
     def from_config(cls, config, *, rngs: nnx.Rngs) -> WanDiT:
-        """From a run config: `config.model`, `config.attention`, `config.mesh.rules`."""
+        """From a run config: `config.model`, `config.attention`, `config.mesh.rules`,
+        `config.train.lora` (adapters, when its rank > 0)."""
+        lora = LoRASpec.from_config(config.train.get("lora") if "train" in config else None)
         return cls(config.model, AttentionSpec.from_config(config.attention), config.mesh.rules,
-                   rngs=rngs)
+                   rngs=rngs, lora=lora)
+
+    def set_lora_shots(self, shots) -> None:
+        """Make the adapters per-shot (sampling): `shots` holds, per rank column (lora_a's last
+        axis), the shot indices whose video tokens it applies to; None: everywhere. Text-side
+        linears (lora.TEXT_SIDE) skip per-shot adapters."""
+        if shots is not None:
+            shots = tuple(tuple(sorted(int(k) for k in s)) for s in shots)
+            if len(shots) != self.lora.rank:
+                raise ValueError(f"{len(shots)} per-shot rank columns for adapters of rank "
+                                 f"{self.lora.rank}")
+        self.lora_shots = shots
+
+    def lora_gate(self, layout, batch: int):
+        """[B, L, r] float32 gate of per-shot adapters (None: applied everywhere)."""
+        if self.lora_shots is None:
+            return None
+        if layout is None:
+            raise ValueError("per-shot LoRA adapters need a shot layout")
+        k = max([layout.max_shots] + [s + 1 for col in self.lora_shots for s in col])
+        table = np.zeros((k + 1, self.lora.rank), np.float32)   # row k: padding tokens (-1)
+        for r, col in enumerate(self.lora_shots):
+            table[list(col), r] = 1.0
+        shot = layout.broadcast_to_batch(batch).token_shot_id()
+        return jnp.asarray(table)[jnp.where(shot < 0, k, shot)]
 
     def token_grid(self, latent_shape) -> tuple[int, int, int]:
         """(F, h, w) token grid of latents [B, F, H, W, C] after patchify; checks divisibility."""
@@ -135,9 +166,10 @@ class WanDiT(nnx.Module):
         """Scan the stacked blocks over the float32 residual stream x: [B, L, dim] -> [B, L, dim]."""
 
         rules = self.rules
+        gate = self.lora_gate(layout, x.shape[0])
 
         def step(block, x):
-            x = block(x, context, t_mod, rope, layout)
+            x = block(x, context, t_mod, rope, layout, gate)
             return constrain(x, ("batch", "sequence", "act_embed"), rules)
 
         if self.remat != "none":
@@ -160,3 +192,38 @@ class WanDiT(nnx.Module):
         x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, self.out_channels)
         x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
         return x.reshape(x.shape[0], f * pt, h * ph, w * pw, self.out_channels)
+
+
+def _rebuilt(model: WanDiT, lora: LoRASpec, params: nnx.State) -> WanDiT:
+    """A WanDiT like `model` with adapters `lora`, its parameters from `params` (a full state)."""
+    abstract = nnx.eval_shape(lambda: WanDiT(model.config, model.attention, model.rules,
+                                             rngs=nnx.Rngs(0), lora=lora))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    return nnx.merge(graphdef, params, rest)
+
+
+def base_params(model: WanDiT) -> nnx.State:
+    """The parameters of `model` without its LoRA adapters."""
+    return nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+
+
+def with_lora(model: WanDiT, lora: LoRASpec, *, rngs: nnx.Rngs) -> WanDiT:
+    """`model`'s weights (without any adapters it has) plus fresh adapters `lora` (A from
+    `rngs`, B zero): the same function as `model` until the adapters train."""
+    fresh = WanDiT(model.config, model.attention, model.rules, rngs=rngs, lora=lora)
+    nnx.update(fresh, base_params(model))
+    return fresh
+
+
+def merge_lora(model: WanDiT, strength: float = 1.0) -> WanDiT:
+    """A WanDiT without adapters whose kernels are W + strength * scale * A @ B (float32 sum,
+    cast back to the kernel's dtype)."""
+    from holocine_jax.model.lora import lora_delta, lora_linears
+
+    params = base_params(model)
+    flat = dict(nnx.to_flat_state(params))
+    for path, linear in lora_linears(model).items():
+        kernel = flat[(*path, "kernel")]
+        merged = kernel[...].astype(jnp.float32) + strength * lora_delta(linear)
+        flat[(*path, "kernel")] = kernel.replace(merged.astype(kernel[...].dtype))
+    return _rebuilt(model, LoRASpec(), nnx.from_flat_state(list(flat.items())))

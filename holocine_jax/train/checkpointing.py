@@ -3,7 +3,8 @@
 Layout (a superset of holocine_jax/checkpoint.py's params checkpoints, so `load_params`,
 `export` and `sample` read a training directory as they read an imported one):
     config.json                      the run's config (written with the first save; checked on resume)
-    <step>/params                    nnx.State of the parameters
+    <step>/params                    nnx.State of the trained parameters (a LoRA run: the adapters;
+                                     its base is the config's train.init_from or seed)
     <step>/train                     opt_state, ema, step, rng, skipped
     <step>/data                      the data iterator's JSON state (`get_state()`)
 Saves are async and atomic (orbax writes a temporary directory and renames it when complete;
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 from holocine_jax.checkpoint import load_config_json
@@ -31,6 +33,8 @@ def _shape_keys(config) -> dict:
     d = json.loads(config.to_json_best_effort())
     flat = {f"model.{k}": v for k, v in d.get("model", {}).items() if k not in FREE_MODEL_KEYS}
     flat["expert"] = d.get("expert")
+    lora = (d.get("train") or {}).get("lora") or {}
+    flat["train.lora"] = lora if lora.get("rank") else None   # adapters' shapes (rank 0: none)
     return flat
 
 
@@ -76,9 +80,12 @@ class TrainCheckpointer:
             train=ocp.args.StandardSave(_train_item(state)),
             data=ocp.args.JsonSave(data_state or {})), force=force)
 
-    def restore(self, abstract: TrainState, step: int | None = None):
+    def restore(self, abstract: TrainState, step: int | None = None, *, frozen=None):
         """(TrainState, data_state) from `step` (default: the latest complete one) into the
-        `abstract` target (from jax.eval_shape), or None when the directory has no step."""
+        `abstract` target (from jax.eval_shape), or None when the directory has no step.
+        `frozen`: the state's untrained parameters (a LoRA run's base), which are not saved."""
+        if frozen is None and len(jax.tree.leaves(abstract.frozen)):
+            raise ValueError("this train state has frozen parameters (a LoRA base): pass them")
         step = self.latest_step() if step is None else step
         if step is None:
             return None
@@ -91,7 +98,8 @@ class TrainCheckpointer:
             raise ValueError(f"checkpoint step {step} in {self.directory!r} does not match this "
                              f"config's train state: {e}") from e
         t = out.train
-        state = TrainState(params=out.params, opt_state=t["opt_state"], ema=t.get("ema"),
+        state = TrainState(params=out.params, frozen=frozen if frozen is not None else abstract.frozen,
+                           opt_state=t["opt_state"], ema=t.get("ema"),
                            step=t["step"], rng=t["rng"], skipped=t["skipped"])
         return state, dict(out.data or {})
 

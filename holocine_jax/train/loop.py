@@ -23,8 +23,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from holocine_jax.checkpoint import load_config_json, load_params
+from holocine_jax.checkpoint import load_config_json, load_params, without_lora
 from holocine_jax.model import WanDiT
+from holocine_jax.model.lora import LoRASpec
+from holocine_jax.model.transformer import with_lora
 from holocine_jax.parallel import batch_shardings, make_mesh, state_shardings
 from holocine_jax.attention.context import check_halo, sequence_axis
 from holocine_jax.train.checkpointing import TrainCheckpointer, _shape_keys
@@ -37,16 +39,21 @@ log = logging.getLogger(__name__)
 
 def initial_model(config) -> WanDiT:
     """Fresh weights from `config.seed`, or the params checkpoint `config.train.init_from`
-    (an imported or trained directory; its model config must match).
+    (an imported or trained directory; its model config must match). A LoRA config
+    (train.lora.rank > 0) gets those weights as its frozen base plus fresh adapters (A from
+    seed + 1, B zero), so its base equals the model the same config without LoRA starts from.
 
     A14B: an `init_from` holding another expert than `config.expert` is an error naming both,
     not adopted: the expert decides which timesteps train (objective.py), and a run that quietly
     switched would disagree with its command line and with the resume check of its workdir.
     """
+    lora = LoRASpec.from_config(config.train.lora)
+    if lora.rank:
+        return with_lora(initial_model(without_lora(config)), lora, rngs=nnx.Rngs(config.seed + 1))
     path = config.train.init_from
     if not path:
         return WanDiT.from_config(config, rngs=nnx.Rngs(config.seed))
-    stored, current = _shape_keys(load_config_json(path)), _shape_keys(config)
+    stored, current = _shape_keys(without_lora(load_config_json(path))), _shape_keys(config)
     if stored["expert"] != current["expert"]:
         raise ValueError(f"config.train.init_from={path!r} holds the {stored['expert']!r} expert "
                          f"but config.expert={current['expert']!r}: training it on that expert's "
@@ -86,19 +93,25 @@ def _resume_or_init(config, ckpt: TrainCheckpointer, batches, mesh):
     """(state, rest, graphdef, state shardings): fresh or restored, laid out on `mesh` by the
     rule table (fresh and restored states share one sharding, hence one compiled program)."""
     abstract_model = nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(config.seed)))
-    graphdef, abstract_params, rest = split_model(abstract_model)
-    abstract = jax.eval_shape(lambda p: init_train_state(config, p), abstract_params)
+    graphdef, abstract_params, abstract_frozen, rest = split_model(abstract_model)
+    abstract = jax.eval_shape(lambda p, f: init_train_state(config, p, f), abstract_params,
+                              abstract_frozen)
     sharding = state_shardings(abstract, mesh, config.mesh.rules)
+
+    def fresh():
+        return init_train_state(config, *split_model(initial_model(config))[1:3])
+
     if ckpt.latest_step() is None and not config.train.init_from:
-        state = jax.jit(lambda: init_train_state(config, split_model(initial_model(config))[1]),
-                        out_shardings=sharding)()   # created sharded: no device holds it all
+        state = jax.jit(fresh, out_shardings=sharding)()   # created sharded: no device holds it all
         return state, rest, graphdef, sharding
     if ckpt.latest_step() is None:
-        graphdef, params, rest = split_model(initial_model(config))
-        return jax.device_put(init_train_state(config, params), sharding), rest, graphdef, sharding
+        return jax.device_put(fresh(), sharding), rest, graphdef, sharding
+    frozen = None
+    if len(jax.tree.leaves(abstract_frozen)):   # a LoRA run: its base is not in the checkpoint
+        frozen = jax.device_put(split_model(initial_model(config))[2], sharding.frozen)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, sharding)
-    state, data_state = ckpt.restore(abstract)
+    state, data_state = ckpt.restore(abstract, frozen=frozen)
     if data_state:
         if not hasattr(batches, "set_state"):
             raise ValueError("the checkpoint holds a data iterator state but `batches` has no "

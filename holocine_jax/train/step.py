@@ -31,9 +31,9 @@ def make_gradient_fn(config, graphdef, rest=None):
         raise ValueError(f"config.train.grad_accum={config.train.grad_accum} must be >= 1")
     rest = rest if rest is not None else nnx.State({})
 
-    def loss_sum(params, mb):
+    def loss_sum(params, frozen, mb):
         """Sum over the micro-batch of weighted per-sample losses, and the unweighted ones."""
-        model = nnx.merge(graphdef, params, rest)
+        model = nnx.merge(graphdef, params, frozen, rest)
         x0 = mb["latents"]
         pred = model(objective.noised(x0, mb["noise"], mb["sigmas"]), mb["timesteps"],
                      mb["text_states"], mb.get("layout"))
@@ -56,12 +56,12 @@ def make_gradient_fn(config, graphdef, rest=None):
             inputs["layout"] = batch["layout"].broadcast_to_batch(b)
         grad_fn = jax.grad(loss_sum, has_aux=True)
         if accum == 1:
-            grads, sample_loss = grad_fn(state.params, inputs)
+            grads, sample_loss = grad_fn(state.params, state.frozen, inputs)
         else:
             micro = jax.tree.map(lambda x: x.reshape((accum, b // accum) + x.shape[1:]), inputs)
 
             def accumulate(grads, mb):
-                g, loss = grad_fn(state.params, mb)
+                g, loss = grad_fn(state.params, state.frozen, mb)
                 return jax.tree.map(jnp.add, grads, g), loss
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)

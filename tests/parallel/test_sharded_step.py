@@ -63,7 +63,7 @@ def batch(seed=0):
 
 def initial_state(c):
     model = WanDiT.from_config(c, rngs=nnx.Rngs(0))
-    graphdef, params, rest = split_model(model)
+    graphdef, params, _, rest = split_model(model)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), params)
     return graphdef, rest, init_train_state(c, params)

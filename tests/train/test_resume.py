@@ -69,7 +69,7 @@ def complete_steps(ckpt_dir):
 
 def restore(ckpt_dir, step):
     config = worker_config()
-    graphdef, params, _ = split_model(nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(0))))
+    graphdef, params, _, _ = split_model(nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(0))))
     with TrainCheckpointer(ckpt_dir, config) as ckpt:
         return ckpt.restore(jax.eval_shape(lambda p: init_train_state(config, p), params), step)
 

@@ -24,7 +24,7 @@ def config(*more):
 
 @pytest.fixture(scope="module")
 def model_parts():
-    graphdef, params, rest = split_model(WanDiT.from_config(config(), rngs=nnx.Rngs(0)))
+    graphdef, params, _, rest = split_model(WanDiT.from_config(config(), rngs=nnx.Rngs(0)))
     return graphdef, params, rest
 
 

@@ -5,7 +5,10 @@
 `batch`: "latents" [B, F, H, W, C] (normalised), "text_states" [B, Lt, Dt], optional "layout"
 (batched ShotLayout); `prepare_batch` makes it from the pipeline's dict (`make_batch_encoder`:
 the same, compiled, with on-the-fly video / text encoding). The rng is folded with
-the step, so a resumed run draws the same timesteps and noise. The global batch is split into
+the step, so a resumed run draws the same timesteps, noise and caption dropout. With
+`config.train.caption_dropout` > 0 the batch also carries "empty_text_states" [Lt, Dt] (the empty
+prompt's encoding, `empty_prompt_states`; the loop adds it) and each film trains on it, without
+text windows, with that probability (objective.caption_dropout). The global batch is split into
 `config.train.grad_accum` micro-batches whose gradients are summed in a scan. A non-finite loss
 or gradient leaves params, optimizer and EMA untouched and counts the step in `skipped`.
 """
@@ -21,11 +24,18 @@ from holocine_jax.train.optim import learning_rate_schedule, make_optimizer
 from holocine_jax.train.state import TrainState
 
 
+# Caption dropout draws from its own stream of the run's key (fold_in(key, DROPOUT_STREAM), then
+# the step): the timestep and noise keys stay those of a run without dropout.
+DROPOUT_STREAM = 0x64726F70
+
+
 def make_gradient_fn(config, graphdef, rest=None):
     """`gradients(state, batch) -> (grads, aux)`: the batch-mean gradient of the weighted loss at
     `state.params` (accumulated over `config.train.grad_accum` micro-batches); aux holds the
-    per-sample `sample_loss` [B] (unweighted), `weights` [B] and `timesteps` [B]."""
+    per-sample `sample_loss` [B] (unweighted), `weights` [B] and `timesteps` [B], and with
+    caption dropout `caption_dropped` [B] (1.0: the film trained on the empty prompt)."""
     sampler = objective.make_timestep_sampler(config)
+    p_drop = objective.check_caption_dropout(config.train.get("caption_dropout", 0.0))
     accum = int(config.train.grad_accum)
     if accum < 1:
         raise ValueError(f"config.train.grad_accum={config.train.grad_accum} must be >= 1")
@@ -33,6 +43,7 @@ def make_gradient_fn(config, graphdef, rest=None):
 
     def loss_sum(params, frozen, mb):
         """Sum over the micro-batch of weighted per-sample losses, and the unweighted ones."""
+        frozen = jax.tree.map(jnp.asarray, frozen)   # Variables of this trace level (nnx.scan)
         model = nnx.merge(graphdef, params, frozen, rest)
         x0 = mb["latents"]
         pred = model(objective.noised(x0, mb["noise"], mb["sigmas"]), mb["timesteps"],
@@ -54,6 +65,19 @@ def make_gradient_fn(config, graphdef, rest=None):
                       noise=jax.random.normal(k_noise, x0.shape, jnp.float32).astype(x0.dtype))
         if batch.get("layout") is not None:
             inputs["layout"] = batch["layout"].broadcast_to_batch(b)
+        extra = {}
+        if p_drop > 0:
+            if "empty_text_states" not in batch:
+                raise KeyError(f"config.train.caption_dropout={p_drop} needs the batch's "
+                               "'empty_text_states' [Lt, Dt] (train.step.empty_prompt_states)")
+            k_drop = jax.random.fold_in(jax.random.fold_in(
+                jax.random.wrap_key_data(state.rng), DROPOUT_STREAM), state.step)
+            inputs["text_states"], layout, dropped = objective.caption_dropout(
+                k_drop, p_drop, inputs["text_states"], inputs.get("layout"),
+                batch["empty_text_states"])
+            if layout is not None:
+                inputs["layout"] = layout
+            extra["caption_dropped"] = dropped.astype(jnp.float32)
         grad_fn = jax.grad(loss_sum, has_aux=True)
         if accum == 1:
             grads, sample_loss = grad_fn(state.params, state.frozen, inputs)
@@ -68,7 +92,7 @@ def make_gradient_fn(config, graphdef, rest=None):
             grads, sample_loss = jax.lax.scan(accumulate, zeros, micro)
             sample_loss = sample_loss.reshape(b)
         grads = jax.tree.map(lambda g: g / b, grads)
-        return grads, dict(sample_loss=sample_loss, weights=weights, timesteps=timesteps)
+        return grads, dict(sample_loss=sample_loss, weights=weights, timesteps=timesteps, **extra)
 
     return gradients
 
@@ -78,7 +102,7 @@ def make_train_step(config, graphdef, rest=None):
 
     metrics: loss, grad_norm (before clipping), update_norm, param_norm, learning_rate,
     skipped (1.0 if this step's update was dropped), and per sample: sample_loss [B]
-    (unweighted), timesteps [B].
+    (unweighted), timesteps [B], caption_dropped [B] (with caption dropout only).
     """
     tc = config.train
     tx, schedule = make_optimizer(tc), learning_rate_schedule(tc)
@@ -104,9 +128,27 @@ def make_train_step(config, graphdef, rest=None):
                        learning_rate=schedule(state.step - state.skipped),
                        skipped=(~ok).astype(jnp.float32), sample_loss=aux["sample_loss"],
                        timesteps=aux["timesteps"])
+        if "caption_dropped" in aux:
+            metrics["caption_dropped"] = aux["caption_dropped"]
         return new_state, metrics
 
     return train_step
+
+
+def empty_prompt_states(config, tokenizer, text_encoder) -> jax.Array:
+    """float32 [text_len, Dt]: the empty prompt "" tokenised and encoded exactly as sampling
+    encodes prompts (`text.encode_text`: padded to config.model.text_len, states past its one
+    token, `</s>`, zeroed). Caption dropout trains dropped films on it. Computed with the run's
+    text encoder, whichever way the batches bring their text: on-the-fly ids are encoded by the
+    same encoder, and a `data encode` cache was written by the config's (its fingerprint)."""
+    from holocine_jax.text import encode_text, tokenize
+
+    if isinstance(text_encoder, nnx.Module):
+        states = encode_text(text_encoder, tokenizer, [""], config.model.text_len)[0]
+    else:  # a plain callable (input_ids, attention_mask) -> states
+        ids, mask = tokenize(tokenizer, [""], config.model.text_len)
+        states = text_encoder(jnp.asarray(ids), jnp.asarray(mask))
+    return jnp.asarray(states, jnp.float32)[0]
 
 
 ENCODER_INPUTS = ("latents", "video", "text_states", "input_ids", "attention_mask")

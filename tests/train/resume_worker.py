@@ -1,6 +1,6 @@
 """Child process of test_resume.py: train the tiny model in WORKDIR up to STEPS steps.
 
-    python resume_worker.py WORKDIR STEPS
+    python resume_worker.py WORKDIR STEPS [CONFIG_OVERRIDE ...]   (e.g. train.lora.rank=4)
 
 Prints `batch i` (flushed) as batch i is drawn, so the parent can kill -9 it at chosen steps.
 """
@@ -48,5 +48,6 @@ class NumberedBatches:
 
 
 if __name__ == "__main__":
-    summary = run_training(worker_config(), sys.argv[1], batches=NumberedBatches(), steps=int(sys.argv[2]))
+    summary = run_training(worker_config(*sys.argv[3:]), sys.argv[1], batches=NumberedBatches(),
+                           steps=int(sys.argv[2]))
     print(f"done {summary['start_step']} {summary['step']}", flush=True)

@@ -29,25 +29,25 @@ from resume_worker import worker_config  # noqa: E402
 STEPS, EVERY = 12, 3
 
 
-def launch(workdir, cache):
+def launch(workdir, cache, *overrides):
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")]))
     log = open(os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir)}.stderr"), "a")
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "resume_worker.py"), workdir, str(STEPS)],
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "resume_worker.py"), workdir, str(STEPS), *overrides],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
 
 
-def run_to_end(workdir, cache):
-    proc = launch(workdir, cache)
+def run_to_end(workdir, cache, *overrides):
+    proc = launch(workdir, cache, *overrides)
     out = proc.stdout.read()
     assert proc.wait() == 0, open(f"{workdir}.stderr").read()[-3000:]
     return out
 
 
-def run_and_kill(workdir, cache, at_batch, delay):
+def run_and_kill(workdir, cache, at_batch, delay, *overrides):
     """Start (or resume) the run and SIGKILL it `delay` s after it draws batch `at_batch`."""
-    proc = launch(workdir, cache)
+    proc = launch(workdir, cache, *overrides)
     for line in proc.stdout:
         if line.strip() == f"batch {at_batch}":
             time.sleep(delay)

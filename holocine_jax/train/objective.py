@@ -12,6 +12,10 @@ draws a *schedule position* p = 1 - s in [p_lo, p_hi) (p = 0 is pure noise):
 A14B experts (`config.expert`) keep the part of the range on their side of `experts.boundary`:
 high-noise σ >= boundary, low-noise σ < boundary (index split 417 for shift 5, boundary 0.875).
 The weight of a sample depends on its own timestep only, never on the rest of the batch.
+
+Caption dropout (`caption_dropout`) replaces a film's text by the empty prompt's encoding and
+drops its text windows, so one model learns the unconditional branch classifier-free guidance
+subtracts (DESIGN §10).
 """
 from __future__ import annotations
 
@@ -121,3 +125,41 @@ def per_sample_loss(pred, x0, noise, mask):
     err = jnp.square(pred.astype(jnp.float32) - (noise - x0).astype(jnp.float32))
     per_frame = jnp.mean(err, axis=(2, 3, 4))
     return jnp.sum(per_frame * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+
+def check_caption_dropout(p) -> float:
+    """config.train.caption_dropout as a float; outside [0, 1) is an error naming it."""
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"config.train.caption_dropout={p} must be in [0, 1) (the probability "
+                         "that a film trains on the empty prompt)")
+    return float(p)
+
+
+def caption_dropout(key, p: float, text_states, layout, empty_states):
+    """Drop each film's caption with probability p: (text_states, layout, dropped [B] bool).
+
+    text_states: [B, Lt, Dt]; empty_states: [Lt, Dt], the empty prompt "" encoded as sampling
+    encodes prompts (zero past its one token); layout: batched ShotLayout [B] or None. A dropped
+    film gets the empty states and `layout.without_text_windows()` (every shot sees all text),
+    i.e. exactly what the sampler's unconditional pass feeds the model when the negative prompt
+    is "". Wan-style trainers (DiffSynth-Studio, finetrainers) drop to the empty prompt, not to
+    the negative prompt: the negative prompt is a sampling-time choice, the empty one the
+    unconditional model itself.
+    """
+    b = text_states.shape[0]
+    if empty_states.shape != text_states.shape[1:]:
+        raise ValueError(f"empty-prompt states {empty_states.shape} do not match the batch's text "
+                         f"states {text_states.shape[1:]} (config.model.text_len, text_dim)")
+    dropped = jax.random.bernoulli(key, p, (b,))
+    text = jnp.where(dropped[:, None, None], empty_states.astype(text_states.dtype)[None], text_states)
+    if layout is None:
+        return text, None, dropped
+    unconditional = layout.without_text_windows()
+
+    def pick(a, b_):
+        return jnp.where(dropped.reshape((-1,) + (1,) * (jnp.ndim(a) - 1)), a, b_)
+
+    layout = dataclasses.replace(
+        layout, text_windows=pick(unconditional.text_windows, layout.text_windows),
+        text_pad_start=pick(unconditional.text_pad_start, layout.text_pad_start))
+    return text, layout, dropped

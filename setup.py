@@ -40,6 +40,8 @@ setup(
             "diffusers>=0.35",
             "accelerate>=1.0",
             "transformers>=4.50",
+            "peft>=0.15",          # LoRA import tests: adapters written by peft on a torch Wan
+            "tensorboard>=2.15",   # reads back the event files training writes
         ],
         # libtpu: compile ahead of time for TPU v5 topologies from any host.
         "tpu": ["jax[tpu]==0.10.2"],

@@ -79,7 +79,8 @@ def run_case(case, steps):
     b = BATCH[case]
     latents, text = np.repeat(latents, b, axis=0), np.repeat(text, b, axis=0)
     config = run_config(model, load_config("tiny"))   # the benchmark case's model section
-    config.train.update(warmup_steps=0, ema_decay=0.0, grad_accum=1)
+    # the torch loop has no caption dropout: neither side drops
+    config.train.update(warmup_steps=0, ema_decay=0.0, grad_accum=1, caption_dropout=0.0)
     js = jax_step(model, config, dict(latents=jnp.asarray(latents), text_states=jnp.asarray(text)))
     ts = torch_step(ref, config, latents, text)
     compile_s = timed(js)

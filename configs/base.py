@@ -192,6 +192,15 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         # LoRA (model/lora.py): rank > 0 trains adapters on `targets` alone, the base (init_from,
         # or the seed's weights) frozen; scale alpha / rank (alpha 0: = rank).
         lora=ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=lora.TARGETS)),
+        # Caption dropout (objective.caption_dropout): the probability that a film trains on the
+        # empty prompt's encoding without text windows (the unconditional branch CFG needs).
+        caption_dropout=0.0,
+        # Validation films (train/validation.py): every validate_every steps (0: never) sample
+        # validation_films held-out films (validation_prompts: a JSONL prompt file, "" = the
+        # synthetic world's) with validation_steps sampler steps; video, contact sheet, metrics
+        # to TensorBoard under val/.
+        validate_every=0, validation_films=2, validation_prompts="", validation_seed=1_000_000,
+        validation_steps=10,
     ))
     c.eval = ml_collections.ConfigDict(dict(
         cut_tolerance=2, num_films=8,

@@ -80,7 +80,8 @@ def model_flops(config, layout: ShotLayout) -> float:
 
 def abstract_batch(config, mesh, *, num_shots: int):
     """ShapeDtypeStructs of one global training batch: latents, text states and a film layout
-    with `num_shots` even shots and caption windows (only shapes matter)."""
+    with `num_shots` even shots and caption windows (only shapes matter); with caption dropout
+    also the empty prompt's states."""
     b = int(config.train.batch_size)
     shape = latent_shape(config, b)
     text_len = config.model.text_len
@@ -88,7 +89,12 @@ def abstract_batch(config, mesh, *, num_shots: int):
     batch = dict(latents=jax.ShapeDtypeStruct(shape, jnp.float32),
                  text_states=jax.ShapeDtypeStruct((b, text_len, config.model.text_dim), jnp.float32),
                  layout=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layout))
-    return _with_shardings(batch, batch_shardings(batch, mesh, config.mesh.rules))
+    batch = _with_shardings(batch, batch_shardings(batch, mesh, config.mesh.rules))
+    if float(config.train.caption_dropout) > 0:   # the empty prompt's states, replicated
+        batch["empty_text_states"] = jax.ShapeDtypeStruct(
+            (text_len, config.model.text_dim), jnp.float32,
+            sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return batch
 
 
 def _with_shardings(tree, shardings):

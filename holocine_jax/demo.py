@@ -23,19 +23,7 @@ import time
 
 import numpy as np
 
-HELD_OUT_SEED = 1_000_000  # film seeds from here on are never in the demo's training data
-
-
-def held_out_film(config, seed: int = HELD_OUT_SEED):
-    """(FilmRequest, FilmSpec) of a synthetic film with the most shots the config allows."""
-    from holocine_jax import prompts
-    from holocine_jax import world
-    from holocine_jax.sample.run import FilmRequest
-
-    shots = min(world.MAX_SHOTS, config.shots.max_shots)
-    spec = world.sample_film(seed, num_frames=config.video.num_frames, shot_range=(shots, shots))
-    prompt = prompts.build_prompt(spec.global_caption, spec.shot_captions)
-    return FilmRequest(prompt, tuple(spec.cut_frames), config.video.num_frames, seed), spec
+from holocine_jax.train.validation import HELD_OUT_SEED, held_out_film  # noqa: F401 (the demo's film)
 
 
 def build_data(config, data_dir: str, num_films: int) -> str:

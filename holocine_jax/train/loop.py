@@ -1,6 +1,7 @@
 """The training loop: resume or initialise, step, log, checkpoint (DESIGN §10).
 
-    summary = run_training(config, workdir, batches=pipeline, vae=vae, text_encoder=encoder)
+    summary = run_training(config, workdir, batches=pipeline, vae=vae, text_encoder=encoder,
+                           tokenizer=tokenizer)
 
 `batches` is an iterator of batch dicts (contracts: data/pipeline.py); with `get_state()` /
 `set_state(dict)` its position is checkpointed and restored, so a resumed run sees exactly the
@@ -9,7 +10,9 @@ batches the uninterrupted one would have seen; `skip_counts()` (if present) is l
 event files and `metrics.jsonl`. SIGTERM (preemption) saves the current step and returns.
 Batches are prepared (video / text encoded on the fly) by one compiled program
 (`step.make_batch_encoder`); stderr gets a line every `train.log_every` steps with the loss,
-steps/s and ETA (`metrics.ConsoleWriter`).
+steps/s and ETA (`metrics.ConsoleWriter`). Caption dropout (train.caption_dropout > 0) and
+validation films (train.validate_every > 0) need the text stack (`tokenizer`, `text_encoder`);
+validation also samples through `vae` and writes under `val/` (train/validation.py).
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ def initial_model(config) -> WanDiT:
     return load_params(path, config)
 
 
-def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None,
+def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None, tokenizer=None,
                  steps: int | None = None) -> dict:
     """Train until step `steps` (default config.train.steps), resuming from `workdir`.
 
@@ -84,7 +87,7 @@ def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None,
         state, rest, graphdef, sharding = _resume_or_init(config, ckpt, batches, mesh)
         with jax.set_mesh(mesh):  # activation constraints and shard_map attention see the mesh
             return _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total,
-                          batches, vae, text_encoder)
+                          batches, vae, text_encoder, tokenizer)
     finally:
         ckpt.close()
 
@@ -121,13 +124,16 @@ def _resume_or_init(config, ckpt: TrainCheckpointer, batches, mesh):
     return state, rest, graphdef, sharding
 
 
-def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, batches, vae, text_encoder):
+def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, batches, vae,
+           text_encoder, tokenizer):
     tc = config.train
     start = int(state.step)
     train_step = jax.jit(make_train_step(config, graphdef, rest), out_shardings=(sharding, None),
                          donate_argnums=0)
     encode = make_batch_encoder(config, vae=vae, text_encoder=text_encoder)  # compiled
+    empty_text = _empty_text_states(config, mesh, tokenizer, text_encoder)
     writer = make_writer(workdir, total_steps=total)
+    validate = _validation(config, graphdef, rest, writer, tokenizer, text_encoder, vae)
     periodic = periodic_actions()
     hooks = [periodic.ReportProgress(num_train_steps=total, writer=writer, every_steps=tc.log_every,
                                      every_secs=None)]
@@ -156,6 +162,8 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
                 check_halo(batch["layout"], mesh.shape[sequence_axis(config.mesh.rules)],
                            config.attention.context_halo_frames)
             batch = _global_batch(batch, mesh, config.mesh.rules)
+            if empty_text is not None:
+                batch["empty_text_states"] = empty_text
             state, metrics = train_step(state, batch)
             step += 1
             buffer.add(metrics, _tokens(batch["latents"].shape, config.model.patch_size))
@@ -170,6 +178,8 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
                 hook(step)
             if step % tc.checkpoint_every == 0 or step == total or preempted.is_set():
                 ckpt.save(state, _data_state(batches), force=True)
+            if validate is not None and step % tc.validate_every == 0 and not preempted.is_set():
+                validate(step, state)
         if step != ckpt.latest_step() and step > start:
             ckpt.save(state, _data_state(batches), force=True)
         ckpt.wait_until_finished()
@@ -181,6 +191,43 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
                 loss=logged[-1] if logged else math.nan, first_loss=logged[0] if logged else math.nan,
                 checkpoint_dir=ckpt.directory, metrics_path=os.path.join(workdir, "metrics.jsonl"),
                 preempted=preempted.is_set())
+
+
+def _empty_text_states(config, mesh, tokenizer, text_encoder):
+    """The empty prompt's states [Lt, Dt], replicated on `mesh`, for caption dropout; None
+    without it."""
+    from holocine_jax.train.objective import check_caption_dropout
+    from holocine_jax.train.step import empty_prompt_states
+
+    p = check_caption_dropout(config.train.caption_dropout)
+    if p == 0:
+        return None
+    if tokenizer is None or text_encoder is None:
+        raise ValueError(f"config.train.caption_dropout={p} needs the text stack (tokenizer and "
+                         "text encoder) to encode the empty prompt; pass them to run_training")
+    states = empty_prompt_states(config, tokenizer, text_encoder)
+    return jax.device_put(states, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _validation(config, graphdef, rest, writer, tokenizer, text_encoder, vae):
+    """The run's `ValidationFilms` (train.validate_every > 0), else None."""
+    every = int(config.train.validate_every)
+    if every < 0:
+        raise ValueError(f"config.train.validate_every={every} must be >= 0 (0: no validation)")
+    if every == 0:
+        return None
+    from holocine_jax.train.validation import ValidationFilms, prompt_file_hint
+
+    if prompt_file_hint(config.train.validation_prompts):
+        raise FileNotFoundError(prompt_file_hint(config.train.validation_prompts))
+    if tokenizer is None or text_encoder is None or vae is None:
+        raise ValueError(f"config.train.validate_every={every} samples films: it needs the "
+                         "tokenizer, text encoder and VAE; pass them to run_training")
+    from holocine_jax.eval.job import score_films
+
+    return ValidationFilms(config, graphdef, rest, writer, tokenizer=tokenizer,
+                           text_encoder=text_encoder, vae=vae,
+                           score=lambda clips, films, truths: score_films(config, clips, films, truths))
 
 
 def _global_batch(batch: dict, mesh, rules) -> dict:

@@ -95,7 +95,7 @@ def _tensorboard_writer(mw, logdir):
     import tensorboardX
 
     class TensorboardWriter(mw.MetricWriter):
-        """clu MetricWriter on tensorboardX (scalars, images, texts, histograms, hparams)."""
+        """clu MetricWriter on tensorboardX (scalars, images, videos, texts, histograms, hparams)."""
 
         def __init__(self, logdir):
             self._writer = tensorboardX.SummaryWriter(logdir)
@@ -112,8 +112,18 @@ def _tensorboard_writer(mw, logdir):
                 self._writer.add_images(k, np.asarray(v), global_step=step, dataformats="NHWC")
 
         def write_videos(self, step, videos):
-            for k, v in videos.items():  # [N, T, H, W, C] in [0, 1] or uint8
-                self._writer.add_video(k, np.asarray(v).transpose(0, 1, 4, 2, 3), global_step=step)
+            # tensorboardX's add_video needs moviepy and, without it, logs and writes nothing;
+            # an animated GIF in an image summary is what it would write, and TensorBoard plays it.
+            from tensorboardX.proto.summary_pb2 import Summary
+
+            for k, v in videos.items():  # [N, T, H, W, C] or [T, H, W, C]; uint8 or [0, 1]
+                v = np.asarray(v)
+                for n, clip in enumerate(v if v.ndim == 5 else v[None]):
+                    image = Summary.Image(height=clip.shape[1], width=clip.shape[2],
+                                          colorspace=clip.shape[3], encoded_image_string=gif_bytes(clip))
+                    tag = k if n == 0 else f"{k}/{n}"
+                    self._writer._get_file_writer().add_summary(
+                        Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
         def write_audios(self, step, audios, *, sample_rate):
             for k, v in audios.items():
@@ -137,6 +147,22 @@ def _tensorboard_writer(mw, logdir):
             self._writer.close()
 
     return TensorboardWriter(logdir)
+
+
+def gif_bytes(clip, fps: float = 8.0) -> bytes:
+    """An animated GIF (looping) of clip [T, H, W, 3] (uint8, or float in [0, 1])."""
+    import io
+
+    from PIL import Image
+
+    clip = np.asarray(clip)
+    if clip.dtype != np.uint8:
+        clip = (np.clip(clip, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    frames = [Image.fromarray(f[..., :3] if f.shape[-1] >= 3 else f[..., 0]) for f in clip]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:],
+                   duration=int(round(1000 / fps)), loop=0)
+    return out.getvalue()
 
 
 def _scalar_writer(mw):
@@ -193,7 +219,8 @@ def read_metrics(path: str) -> dict[int, dict]:
 
 class MetricsBuffer:
     """Collects the step's metrics (device arrays, fetched only at `summary()`), and turns an
-    interval into scalars: means, loss per timestep bucket, steps/s and tokens/s."""
+    interval into scalars: means, loss per timestep bucket, steps/s and tokens/s (and with
+    caption dropout the fraction of films dropped and their mean loss)."""
 
     SCALARS = ("loss", "grad_norm", "update_norm", "param_norm", "learning_rate")
 
@@ -221,6 +248,11 @@ class MetricsBuffer:
             if np.any(bucket == i):
                 out[f"train/loss_t{int(i * width):04d}_{int((i + 1) * width):04d}"] = float(
                     np.mean(losses[bucket == i]))
+        if all("caption_dropped" in s for s in steps):   # caption dropout: its rate and loss
+            dropped = np.concatenate([np.ravel(s["caption_dropped"]) for s in steps]) > 0.5
+            out["train/caption_dropped"] = float(np.mean(dropped))
+            if dropped.any():
+                out["train/loss_unconditional"] = float(np.mean(losses[dropped]))
         out["perf/steps_per_sec"] = len(steps) / elapsed
         out["perf/tokens_per_sec"] = self._tokens / elapsed
         self._steps, self._tokens, self._start = [], 0, time.perf_counter()

@@ -20,4 +20,5 @@ def train_on_dataset(config, data_dir: str, workdir: str, *, tokenizer, text_enc
     cached = os.path.exists(os.path.join(cache_dir(data_dir), INFO))
     batches = make_pipeline(data_dir, config, batch_size=config.train.batch_size,
                             seed=config.data.shuffle_seed, tokenizer=tokenizer, cached=cached)
-    return run_training(config, workdir, batches=batches, vae=vae, text_encoder=text_encoder)
+    return run_training(config, workdir, batches=batches, vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer)

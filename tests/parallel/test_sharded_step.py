@@ -35,7 +35,7 @@ def config(mode, mesh=(1, 1, 1, 1), strategy="ulysses", **attention):
     c.attention.update(mode=mode, impl="xla", block_q=16, block_kv=16, context_strategy=strategy,
                        **attention)
     c.mesh.update(dict(zip(("data", "fsdp", "context", "tensor"), mesh)))
-    c.train.update(ema_decay=0.9, warmup_steps=0)
+    c.train.update(ema_decay=0.9, warmup_steps=0, caption_dropout=0.0)
     return c
 
 

@@ -34,7 +34,7 @@ def cmd_import(args, overrides) -> str:
 
 
 def cmd_export(args, overrides) -> str:
-    from holocine_jax.checkpoint import load_config_json, load_params, stored_expert
+    from holocine_jax.checkpoint import is_lora_run, load_config_json, load_params, stored_expert
     from holocine_jax.convert import save_diffusers, save_official
 
     expert = stored_expert(args.checkpoint, args.expert)  # A14B: the folder follows config.json
@@ -44,10 +44,28 @@ def cmd_export(args, overrides) -> str:
     if config.get("expert") != expert:
         raise ValueError(f"--config.expert={config.expert} disagrees with {args.checkpoint!r}, "
                          f"which holds the {expert!r} expert (its config.json)")
+    lora_run = is_lora_run(config)
+    if args.format.endswith("-lora"):
+        from holocine_jax.convert.lora import adapter_weights, base_reference, save_lora
+
+        if not lora_run:
+            raise ValueError(f"--format {args.format}: {args.checkpoint!r} is not a LoRA run (its "
+                             "config.json has train.lora.rank 0); export its weights with "
+                             "--format diffusers|official")
+        fmt = args.format.removesuffix("-lora")
+        base = base_reference(config)
+        path = save_lora(adapter_weights(load_params(args.checkpoint, config)), args.out,
+                         fmt=fmt, base=base, dtype=args.dtype)
+        return (f"exported the LoRA adapters of {args.checkpoint} (rank {base['lora']['rank']}, "
+                f"alpha {base['lora']['alpha']}, base {base['base']}) as {args.format} to {path}")
     model = load_params(args.checkpoint, config)
+    if lora_run:   # the adapters merged into their base: a plain model
+        from holocine_jax.model.transformer import merge_lora
+        model = merge_lora(model)
     save = save_diffusers if args.format == "diffusers" else save_official
     out = save(model, args.out, expert=expert, dtype=args.dtype)
-    return f"exported {args.checkpoint} as {args.format} safetensors to {out}"
+    merged = " (LoRA run: adapters merged into the base)" if lora_run else ""
+    return f"exported {args.checkpoint}{merged} as {args.format} safetensors to {out}"
 
 
 def cmd_demo(args, overrides) -> str:
@@ -82,6 +100,7 @@ def cmd_train(args, overrides) -> str:
 
 def cmd_sample(args, overrides) -> str:
     from holocine_jax.checkpoint import load_config_json
+    from holocine_jax.convert.lora import LoRAUse
     from holocine_jax.prompts import build_prompt
     from holocine_jax.sample.run import FilmRequest, read_prompt_file, run_sample
 
@@ -106,8 +125,9 @@ def cmd_sample(args, overrides) -> str:
         prompt = args.prompt if args.prompt is not None else build_prompt(args.global_caption,
                                                                            args.shot_caption)
         films = [FilmRequest(prompt, cuts, args.frames, args.seed)]
+    loras = [LoRAUse.parse(text) for text in args.lora or ()]
     written = run_sample(config, first if len(args.checkpoint) == 1 else args.checkpoint, films,
-                         args.out)
+                         args.out, loras=loras)
     return f"sampled {len(written)} film(s) into {args.out}: " + ", ".join(w["mp4"] for w in written)
 
 
@@ -203,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "4t+1 as the official scripts (default: even)")
             p.add_argument("--frames", type=int, help="pixel frames, 4t+1 (default: config)")
             p.add_argument("--seed", type=int)
+            p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH][@SHOTS]",
+                           help="a LoRA file (diffusers/peft or ComfyUI layout) applied to every "
+                           "expert at STRENGTH (default 1), on 0-based shots SHOTS (e.g. 0,2; "
+                           "default: every shot); repeatable")
             p.add_argument("--out", required=True)
         else:
             p.add_argument("--checkpoint", required=True, action="append",
@@ -219,9 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", choices=("high", "low"),
                    help="A14B (required there): which expert to import; stored in config.json")
 
-    p = command("export", cmd_export, "export a checkpoint to diffusers / official safetensors")
+    p = command("export", cmd_export, "export a checkpoint to diffusers / official safetensors, "
+                "or a LoRA run's adapters alone")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=("diffusers", "official"), required=True)
+    p.add_argument("--format", choices=("diffusers", "official", "diffusers-lora", "comfyui-lora"),
+                   required=True, help="a LoRA run: diffusers|official write the merged model, "
+                   "*-lora the adapters alone (one .safetensors + lora_base.json)")
     p.add_argument("--out", required=True)
     p.add_argument("--expert", choices=("high", "low"),
                    help="A14B: optional check; the checkpoint's stored expert picks transformer/ "

@@ -154,11 +154,14 @@ def film_layout(config, film: FilmRequest, tokenizer) -> ShotLayout:
                                  text_pad_start=windows.pad_start)
 
 
-def load_experts(config, checkpoint, *, steps=None):
+def load_experts(config, checkpoint, *, steps=None, loras=()):
     """WanDiT per expert: `checkpoint` is one directory, one per config.experts.names (high-noise
     first, each holding that expert: `checkpoint.check_experts`), or a run directory holding
-    them (`checkpoint.checkpoint_dirs`). steps: one per directory (None: the latest each)."""
+    them (`checkpoint.checkpoint_dirs`). steps: one per directory (None: the latest each).
+    loras: `convert.lora.LoRAUse`s (`sample --lora`), read against and applied to every expert
+    (a LoRA run's own adapters are merged first)."""
     from holocine_jax.checkpoint import check_experts, checkpoint_dirs, load_params
+    from holocine_jax.convert.lora import apply_lora_files
 
     paths = checkpoint_dirs(checkpoint)
     for p in paths:
@@ -168,9 +171,13 @@ def load_experts(config, checkpoint, *, steps=None):
     models = []
     for p, step in zip(paths, steps or [None] * len(paths)):
         try:
-            models.append(load_params(p, config, step=step))
+            model = load_params(p, config, step=step)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"cannot read checkpoint {p!r}: {e}") from e
+        try:
+            models.append(apply_lora_files(model, loras))
+        except ValueError as e:
+            raise ValueError(f"--lora on the model of checkpoint {p!r}: {e}") from e
     return models
 
 
@@ -203,17 +210,21 @@ def generate(config, models, tokenizer, encoder, vae, films, *, progress=True, l
 
 
 def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True,
-               save_latents: bool = False) -> list[dict]:
+               save_latents: bool = False, loras=()) -> list[dict]:
     """Sample `films` (FilmRequest list) with the checkpoint's model(s) into out_dir.
 
     out_dir must not exist or be empty; it is written all or nothing. Returns the paths written.
     save_latents: also write latents.npy per film (the sampler's final normalised latents,
-    float32 [F, h, w, z], before decoding; its path under "latents").
+    float32 [F, h, w, z], before decoding; its path under "latents"). loras: LoRAUse list
+    (`sample --lora`, see `load_experts`), recorded in film.json.
     """
+    from holocine_jax.convert.lora import lora_file
     from holocine_jax.files import atomic_directory
     from holocine_jax.vae import make_vae
 
-    films = list(films)
+    films, loras = list(films), list(loras)
+    for use in loras:   # a missing file fails before the models load
+        lora_file(use.path)
     cache = cache_settings(config)  # a bad config.sample.cache fails before anything loads
     for i, film in enumerate(films):  # every film's prompt and cuts, before anything is loaded
         try:
@@ -222,7 +233,7 @@ def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True
             raise ValueError(f"film {i}: {e}" if len(films) > 1 else str(e)) from None
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"output directory {out_dir!r} exists and is not empty")
-    models = load_experts(config, checkpoint)
+    models = load_experts(config, checkpoint, loras=loras)
     tokenizer, encoder = text_stack(config)
     vae = make_vae(config)
     sched = scheduler_from_config(config)
@@ -242,6 +253,8 @@ def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True
                                      experts=list(config.experts.names),
                                      boundary=config.experts.boundary,
                                      cache=cache))
+            if loras:
+                meta["loras"] = [use.describe() for use in loras]
             target = tmp if len(films) == 1 else os.path.join(tmp, f"film_{i:03d}")
             paths = write_film(target, clip, fps=config.video.fps, cut_frames=layout.pixel_cuts(),
                                metadata=meta, columns=config.sample.contact_columns)

@@ -136,6 +136,19 @@ def without_lora(config) -> ml_collections.ConfigDict:
     return config
 
 
+def lora_start(config):
+    """A LoRA run's model before training: its base (train.init_from, or the seed's weights)
+    with fresh adapters (A from seed + 1, B zero), as `train.loop.initial_model` starts it."""
+    from holocine_jax.model.lora import LoRASpec
+    from holocine_jax.model.transformer import with_lora
+
+    base_config = without_lora(config)
+    init = base_config.train.init_from
+    base = (load_params(init, base_config) if init else
+            WanDiT.from_config(base_config, rngs=nnx.Rngs(base_config.seed)))
+    return with_lora(base, LoRASpec.from_config(config.train.lora), rngs=nnx.Rngs(config.seed + 1))
+
+
 def load_params(ckpt_dir: str, config=None, *, step: int | None = None) -> WanDiT:
     """WanDiT restored from the latest (or given) complete step of a checkpoint directory.
 
@@ -145,8 +158,7 @@ def load_params(ckpt_dir: str, config=None, *, step: int | None = None) -> WanDi
     config = config if config is not None else load_config_json(ckpt_dir)
     abstract = nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(0)))
     if is_lora_run(config):
-        from holocine_jax.train.loop import initial_model   # the base, as training built it
-        abstract = initial_model(config)
+        abstract = lora_start(config)
         graphdef, params, rest = nnx.split(abstract, nnx.LoRAParam, ...)
     else:
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)

@@ -81,6 +81,13 @@ def cmd_demo(args, overrides) -> str:
             f"{paths['contact_sheet']}, metrics {paths['metrics']} {m}")
 
 
+def validation_score(config):
+    """The validation films' scorer: the eval job's metrics (train/ sits below eval/)."""
+    from holocine_jax.eval.job import score_films
+
+    return lambda clips, films, truths: score_films(config, clips, films, truths)
+
+
 def cmd_train(args, overrides) -> str:
     from holocine_jax.text import load_text_stack
     from holocine_jax.train.run import train_on_dataset
@@ -92,7 +99,7 @@ def cmd_train(args, overrides) -> str:
         raise SystemExit("train: give the dataset with --data DIR or --config.data.path=DIR")
     tokenizer, encoder = load_text_stack(config)
     s = train_on_dataset(config, data_dir, args.workdir, tokenizer=tokenizer, text_encoder=encoder,
-                         vae=make_vae(config))
+                         vae=make_vae(config), validation_score=validation_score(config))
     return (f"trained steps {s['start_step']} -> {s['step']} (loss {s['loss']:.4f}, skipped "
             f"{s['skipped']}{', preempted' if s['preempted'] else ''}); checkpoints in "
             f"{s['checkpoint_dir']}, metrics in {s['metrics_path']}")

@@ -75,6 +75,7 @@ def sample_and_score(config, checkpoint: str, out_dir: str, *, times: dict | Non
 def run_demo(config, workdir: str, *, num_films: int = 64) -> dict:
     """Data -> training -> one sampled film -> metrics, all under `workdir`. Returns paths,
     the training summary, the film's metrics and the phases' seconds ("times")."""
+    from holocine_jax.eval.job import score_films
     from holocine_jax.text import load_text_stack
     from holocine_jax.train.run import train_on_dataset
     from holocine_jax.vae import make_vae
@@ -89,7 +90,9 @@ def run_demo(config, workdir: str, *, num_films: int = 64) -> dict:
         tokenizer, encoder = load_text_stack(config)
         vae = make_vae(config)
         summary = train_on_dataset(config, data_dir, train_dir, tokenizer=tokenizer,
-                                   text_encoder=encoder, vae=vae)
+                                   text_encoder=encoder, vae=vae,
+                                   validation_score=lambda clips, films, truths: score_films(
+                                       config, clips, films, truths))
     film = sample_and_score(config, summary["checkpoint_dir"], os.path.join(workdir, "film"),
                             times=times)
     result = dict(data=data_dir, train=summary, times=times, **film)

@@ -12,7 +12,8 @@ Batches are prepared (video / text encoded on the fly) by one compiled program
 (`step.make_batch_encoder`); stderr gets a line every `train.log_every` steps with the loss,
 steps/s and ETA (`metrics.ConsoleWriter`). Caption dropout (train.caption_dropout > 0) and
 validation films (train.validate_every > 0) need the text stack (`tokenizer`, `text_encoder`);
-validation also samples through `vae` and writes under `val/` (train/validation.py).
+validation also samples through `vae`, scores with `validation_score` (the CLI and the demo pass
+the eval job's `score_films`) and writes under `val/` (train/validation.py).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def initial_model(config) -> WanDiT:
 
 
 def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None, tokenizer=None,
-                 steps: int | None = None) -> dict:
+                 validation_score=None, steps: int | None = None) -> dict:
     """Train until step `steps` (default config.train.steps), resuming from `workdir`.
 
     Returns {"step", "start_step", "skipped", "loss" (last logged), "first_loss" (first logged
@@ -87,7 +88,7 @@ def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None, 
         state, rest, graphdef, sharding = _resume_or_init(config, ckpt, batches, mesh)
         with jax.set_mesh(mesh):  # activation constraints and shard_map attention see the mesh
             return _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total,
-                          batches, vae, text_encoder, tokenizer)
+                          batches, vae, text_encoder, tokenizer, validation_score)
     finally:
         ckpt.close()
 
@@ -125,7 +126,7 @@ def _resume_or_init(config, ckpt: TrainCheckpointer, batches, mesh):
 
 
 def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, batches, vae,
-           text_encoder, tokenizer):
+           text_encoder, tokenizer, validation_score):
     tc = config.train
     start = int(state.step)
     train_step = jax.jit(make_train_step(config, graphdef, rest), out_shardings=(sharding, None),
@@ -133,7 +134,8 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
     encode = make_batch_encoder(config, vae=vae, text_encoder=text_encoder)  # compiled
     empty_text = _empty_text_states(config, mesh, tokenizer, text_encoder)
     writer = make_writer(workdir, total_steps=total)
-    validate = _validation(config, graphdef, rest, writer, tokenizer, text_encoder, vae)
+    validate = _validation(config, graphdef, rest, writer, tokenizer, text_encoder, vae,
+                           validation_score)
     periodic = periodic_actions()
     hooks = [periodic.ReportProgress(num_train_steps=total, writer=writer, every_steps=tc.log_every,
                                      every_secs=None)]
@@ -209,8 +211,9 @@ def _empty_text_states(config, mesh, tokenizer, text_encoder):
     return jax.device_put(states, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def _validation(config, graphdef, rest, writer, tokenizer, text_encoder, vae):
-    """The run's `ValidationFilms` (train.validate_every > 0), else None."""
+def _validation(config, graphdef, rest, writer, tokenizer, text_encoder, vae, score):
+    """The run's `ValidationFilms` (train.validate_every > 0), else None; `score` (clips, films,
+    truths) -> {metric: value} (e.g. eval.job.score_films, passed in by the caller)."""
     every = int(config.train.validate_every)
     if every < 0:
         raise ValueError(f"config.train.validate_every={every} must be >= 0 (0: no validation)")
@@ -223,11 +226,8 @@ def _validation(config, graphdef, rest, writer, tokenizer, text_encoder, vae):
     if tokenizer is None or text_encoder is None or vae is None:
         raise ValueError(f"config.train.validate_every={every} samples films: it needs the "
                          "tokenizer, text encoder and VAE; pass them to run_training")
-    from holocine_jax.eval.job import score_films
-
     return ValidationFilms(config, graphdef, rest, writer, tokenizer=tokenizer,
-                           text_encoder=text_encoder, vae=vae,
-                           score=lambda clips, films, truths: score_films(config, clips, films, truths))
+                           text_encoder=text_encoder, vae=vae, score=score)
 
 
 def _global_batch(batch: dict, mesh, rules) -> dict:

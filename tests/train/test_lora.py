@@ -51,11 +51,9 @@ def lora_runs(tmp_path_factory):
     overrides = (f"train.init_from={base_dir}", "train.lora.rank=4", "train.lora.alpha=8",
                  "train.learning_rate=0.02")
     cache = str(root / "jax_cache")
-    straight, killed = str(root / "straight"), str(root / "killed")
+    straight = str(root / "straight")
     run_to_end(straight, cache, *overrides)
-    run_and_kill(killed, cache, 5, 0.02, *overrides)   # mid-step 5, after the save of step 3
-    run_to_end(killed, cache, *overrides)
-    return base_dir, straight, killed, worker_config(*overrides)
+    return base_dir, straight, (root, cache, overrides), worker_config(*overrides)
 
 
 def restore(ckpt_dir, config):
@@ -108,8 +106,12 @@ def test_optimizer_state_is_the_adapters_size(lora_runs):
     assert frozen > 10 * adapters and nbytes(state.ema) == adapters
 
 
+@pytest.mark.slow   # ~30 s of subprocess training; test_resume.py covers the default run's kill -9
 def test_lora_resume_after_kill_is_bit_identical(lora_runs):
-    _, straight, killed, config = lora_runs
+    _, straight, (root, cache, overrides), config = lora_runs
+    killed = str(root / "killed")
+    run_and_kill(killed, cache, 5, 0.02, *overrides)   # mid-step 5, after the save of step 3
+    run_to_end(killed, cache, *overrides)
     assert complete_steps(os.path.join(killed, "checkpoints"))[-1] == STEPS
     a = restore(os.path.join(straight, "checkpoints"), config)
     b = restore(os.path.join(killed, "checkpoints"), config)

@@ -18,8 +18,8 @@ tensorboardX), `val/contact_sheet_<i>` (image, a row per shot); scalars `val/<me
 sits below eval/, so the caller passes it) and `val/seconds`. The sampling reuses one compiled
 program per run (sample/sampler.py caches it per model structure).
 
-Cost on the tiny config (2 CPU cores, 2 four-shot 33-frame films, 10 Euler steps at guidance 3):
-about 10 s per validation after the first (~25 s: it compiles the sampling step).
+Cost: validation_films x validation_steps guided sampler steps (both CFG passes in one batch)
+plus, at the first validation, one compile of the sampling step; `val/seconds` records it.
 """
 from __future__ import annotations
 

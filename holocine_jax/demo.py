@@ -49,11 +49,14 @@ def phase(name: str, times: dict, what: str):
     print(f"demo: {name} done ({format_duration(times[name])})", file=sys.stderr, flush=True)
 
 
-def sample_and_score(config, checkpoint: str, out_dir: str, *, times: dict | None = None) -> dict:
+def sample_and_score(config, checkpoint: str, out_dir: str, *, times: dict | None = None,
+                     scorers=None) -> dict:
     """Sample the held-out film with `checkpoint`, write it and its metrics.json (phases
-    "sample" and "score", timed into `times`)."""
+    "sample" and "score", timed into `times`; scorers: `eval.scorers.load_scorers(config)`)."""
     from holocine_jax.data.video import read_video
     from holocine_jax.eval.metrics import film_metrics, to_floats
+    from holocine_jax.eval.scorers import load_scorers
+    from holocine_jax.prompts import parse_prompt
     from holocine_jax.sample.run import run_sample
 
     times = {} if times is None else times
@@ -63,9 +66,12 @@ def sample_and_score(config, checkpoint: str, out_dir: str, *, times: dict | Non
         paths = run_sample(config, checkpoint, [film], out_dir)[0]
     with phase("score", times, "cuts, identity and captions against the world's ground truth"):
         frames = read_video(paths["mp4"])  # score what a viewer sees: the encoded film
-        scores = to_floats(film_metrics(frames, spec.cut_frames, truth=spec.shot_attributes(),
-                                        captions=list(spec.shot_captions),
-                                        tolerance=config.eval.cut_tolerance).compute())
+        scorers = scorers or load_scorers(config)
+        scores = to_floats(film_metrics(
+            frames, spec.cut_frames, scorers=scorers, truth=spec.shot_attributes(),
+            global_caption=parse_prompt(film.prompt)[0], captions=list(spec.shot_captions),
+            tolerance=int(config.eval.cut_tolerance),
+            penalty=float(config.eval.sca_penalty)).compute())
     paths["metrics"] = os.path.join(out_dir, "metrics.json")
     with open(paths["metrics"], "w") as f:
         json.dump(dict(seed=film.seed, prompt=film.prompt, metrics=scores), f, indent=2)
@@ -76,6 +82,7 @@ def run_demo(config, workdir: str, *, num_films: int = 64) -> dict:
     """Data -> training -> one sampled film -> metrics, all under `workdir`. Returns paths,
     the training summary, the film's metrics and the phases' seconds ("times")."""
     from holocine_jax.eval.job import score_films
+    from holocine_jax.eval.scorers import load_scorers
     from holocine_jax.text import load_text_stack
     from holocine_jax.train.run import train_on_dataset
     from holocine_jax.vae import make_vae
@@ -89,12 +96,13 @@ def run_demo(config, workdir: str, *, num_films: int = 64) -> dict:
     with phase("train", times, f"the {config.name} config for {config.train.steps} steps -> {train_dir}"):
         tokenizer, encoder = load_text_stack(config)
         vae = make_vae(config)
+        scorers = load_scorers(config)
         summary = train_on_dataset(config, data_dir, train_dir, tokenizer=tokenizer,
                                    text_encoder=encoder, vae=vae,
                                    validation_score=lambda clips, films, truths: score_films(
-                                       config, clips, films, truths))
+                                       config, clips, films, truths, scorers=scorers))
     film = sample_and_score(config, summary["checkpoint_dir"], os.path.join(workdir, "film"),
-                            times=times)
+                            times=times, scorers=scorers)
     result = dict(data=data_dir, train=summary, times=times, **film)
     with open(os.path.join(workdir, "demo.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda x: np.asarray(x).tolist())

@@ -80,6 +80,33 @@ def parse_prompt(prompt: str) -> tuple[str, list[str]]:
     return glob, captions
 
 
+CHARACTER_TAG = re.compile(r"\[character\s*(\d+)\]", re.IGNORECASE)
+
+
+def character_tags(caption: str) -> set[str]:
+    """The character tags a caption names, e.g. "[character1] waves" -> {"character1"}."""
+    return {f"character{n}" for n in CHARACTER_TAG.findall(caption)}
+
+
+def check_character_tags(caption: str) -> None:
+    """Raise ValueError naming a bracketed word that looks like a character tag but is not one
+    (`[charcter1]`, `[character]`, `[character1` unclosed); other brackets are left alone."""
+    for m in re.finditer(r"\[([^\[\]]*)(\]?)", caption):
+        inner, closed = m.group(1), m.group(2)
+        if re.match(r"\s*(char|chr|charac)", inner, re.IGNORECASE) and (
+                not closed or not re.fullmatch(r"character\s*\d+", inner.strip(), re.IGNORECASE)):
+            raise ValueError(f"malformed character tag {m.group(0)!r} (tags are [character1], "
+                             f"[character2], ...)")
+
+
+def tagged_shot_pairs(captions) -> list[tuple[int, int]]:
+    """Shot pairs (k < l) whose captions share a character tag, as the paper groups shots for
+    inter-shot consistency; every pair when no caption has a tag."""
+    tags = [character_tags(c) for c in captions]
+    pairs = [(k, l) for k in range(len(tags)) for l in range(k + 1, len(tags))]
+    return [(k, l) for k, l in pairs if tags[k] & tags[l]] if any(tags) else pairs
+
+
 def char_spans(prompt: str) -> list[tuple[int, int]]:
     """CHARACTER SPANS of the official rules: [(start, end)] for global, shot 0, shot 1, ...
 

@@ -1,10 +1,11 @@
-"""Pluggable scorers loaded from local transformers checkpoints (PyTorch, CPU; optional).
+"""Embedders from local transformers checkpoints in PyTorch on the host CPU (config.eval.backend
+"torch"; the default is the Flax towers of clip.py / vit.py).
 
 - `TransformersImageEmbedder(path)`: any vision model directory with an image processor (CLIP,
   SigLIP, DINOv2, ...): CLIP-style `get_image_features` when the model has it, else the pooled
-  output, else the mean of the last hidden states. frames [N, H, W, 3] uint8 -> [N, D].
-- `ClipTextScorer(path)`: a CLIP model + processor directory; score = cosine similarity of the
-  caption with the shot's frames (mean over frames), as the paper's ViCLIP text-video score.
+  output (ViT / DINO: the final CLS token), else the mean of the last hidden states. frames [N, H, W, 3] uint8 -> [N, D].
+- `ClipTextEmbedder(path)`: a CLIP model + processor directory; captions -> [K, P] text
+  features (`metrics.film_values` takes their cosine with the frames' image features).
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def image_features(processor, model, frames: np.ndarray, batch_size: int = 32) -
             pixels = images(images=list(frames[i:i + batch_size]), return_tensors="pt")["pixel_values"]
             if hasattr(model, "get_image_features"):
                 feats = _features(model.get_image_features(pixel_values=pixels))
+            elif model.config.model_type == "vit":  # DINO: the CLS token, not ViT's tanh pooler
+                feats = model(pixel_values=pixels).last_hidden_state[:, 0]
             else:
                 feats = _features(model(pixel_values=pixels))
             out.append(feats.float().numpy())
@@ -61,20 +64,18 @@ class TransformersImageEmbedder:
         return image_features(self.processor, self.model, frames, self.batch_size)
 
 
-class ClipTextScorer:
-    """Caption-shot cosine similarity with a local CLIP model directory."""
+class ClipTextEmbedder:
+    """CLIP text features [K, P] of captions from a local CLIP model directory."""
 
     def __init__(self, path: str):
-        self.processor, self.model = _load(path, "text scorer")
+        self.processor, self.model = _load(path, "text embedder")
         if not hasattr(self.model, "get_text_features"):
-            raise ValueError(f"text scorer {path!r} has no text tower (expected a CLIP model)")
+            raise ValueError(f"text embedder {path!r} has no text tower (expected a CLIP model)")
 
-    def __call__(self, frames: np.ndarray, caption: str) -> float:
+    def __call__(self, captions) -> np.ndarray:
         import torch
 
-        tokens = self.processor.tokenizer([caption], return_tensors="pt", padding=True,
+        tokens = self.processor.tokenizer(list(captions), return_tensors="pt", padding=True,
                                           truncation=True)
         with torch.no_grad():
-            text = _features(self.model.get_text_features(**tokens)).float().numpy()[0]
-        image = image_features(self.processor, self.model, frames).mean(axis=0)
-        return float(text @ image / (np.linalg.norm(text) * np.linalg.norm(image) + 1e-12))
+            return _features(self.model.get_text_features(**tokens)).float().numpy()

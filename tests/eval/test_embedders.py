@@ -1,4 +1,4 @@
-"""Pluggable scorers from a local transformers directory: a tiny random CLIP built here."""
+"""The PyTorch embedders (config.eval.backend="torch") from a tiny random CLIP directory."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +6,8 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from holocine_jax.eval import metrics as M
-from holocine_jax.eval.job import make_embedder, make_text_scorer
+from holocine_jax.eval.embedders import ClipTextEmbedder, TransformersImageEmbedder
+from holocine_jax.eval.scorers import load_scorers
 
 WORDS = ["[UNK]", "<|startoftext|>", "<|endoftext|>", "a", "red", "circle", "blue", "square"]
 
@@ -32,24 +33,35 @@ def clip_dir(tmp_path_factory):
     return path
 
 
-def test_clip_text_score_is_clip_cosine(clip_dir):
+def test_clip_semantic_score_is_clip_cosine(clip_dir):
     frame = np.random.default_rng(0).integers(0, 256, (1, 48, 48, 3), dtype=np.uint8)
-    score = make_text_scorer(clip_dir)(frame, "a red circle")
+    scorers = M.Scorers(clip=TransformersImageEmbedder(clip_dir),
+                        clip_text=ClipTextEmbedder(clip_dir), text_alignment=None)
+    got = M.film_values(frame, [], scorers=scorers, global_caption="a red circle",
+                        captions=["blue square"])
     processor = transformers.AutoProcessor.from_pretrained(clip_dir)
     model = transformers.CLIPModel.from_pretrained(clip_dir).eval()
-    inputs = processor(text=["a red circle"], images=list(frame), return_tensors="pt")
+    inputs = processor(text=["a red circle", "blue square"], images=list(frame),
+                       return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model(**inputs)
-    assert score == pytest.approx(float(out.logits_per_image[0, 0] / model.logit_scale.exp()),
-                                  abs=1e-5)
+    want = out.logits_per_image[0] / model.logit_scale.exp()
+    assert got["semantic_global"] == pytest.approx([float(want[0])], abs=1e-5)
+    assert got["semantic_shot"] == pytest.approx([float(want[1])], abs=1e-5)
 
 
-def test_image_embedder_consistency(clip_dir):
-    embed = make_embedder(clip_dir)
+def test_torch_backend_scorers(clip_dir):
+    from holocine_jax.config import load_config
+
+    config = load_config("tiny", [f"--config.eval.clip={clip_dir}", "--config.eval.backend=torch",
+                                  "--config.eval.cut_detector=frame_difference"])
+    scorers = load_scorers(config)
     rng = np.random.default_rng(1)
     shot = rng.integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
-    assert embed(shot).shape == (3, 16)
-    _, inter = M.consistency(np.concatenate([shot, shot]), [3], embed=embed)
-    assert inter == pytest.approx([1.0], abs=1e-5)
+    assert scorers.clip(shot).shape == (3, 16)
+    got = M.film_values(np.concatenate([shot, shot]), [3], scorers=scorers)
+    assert got["inter_shot_consistency"] == pytest.approx([1.0], abs=1e-5)
+    assert scorers.names["clip"].startswith("CLIP") and scorers.names["subject"] == "built-in pixel embedder"
+    config.eval.clip = "/nonexistent/clip"
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        make_embedder("/nonexistent/clip")
+        load_scorers(config)

@@ -15,6 +15,7 @@ from holocine_jax.world import FilmSpec, render_film
 from holocine_jax.eval import job
 from holocine_jax.cli import main
 from holocine_jax.eval.metrics import METRIC_NAMES
+from holocine_jax.eval.scorers import load_scorers
 from holocine_jax.sample.schedulers import make_scheduler
 from holocine_jax.train.metrics import read_metrics
 from holocine_jax.vae import make_vae
@@ -27,6 +28,7 @@ def eval_config():
     config.vae.kind = "dct"
     config.model.text_len = 96
     config.eval.num_films = 2
+    config.eval.cut_detector = "frame_difference"   # TransNetV2 on films: test_transnet / prompts
     return config
 
 
@@ -96,13 +98,15 @@ def test_run_eval_writes_each_step_once(tmp_path, dataset, capsys):
     assert sorted(job.run_eval(config, ckpt, dataset, work, progress=True)) == [3]
     shown = capsys.readouterr().err   # progress: what is skipped, each film, where metrics went
     assert "eval: 3 step point(s), 2 already scored" in shown
-    assert re.search(r"eval: step_00000003: film 1/2 sampled.*\n.*film 2/2 sampled", shown)
-    assert f"eval: step_00000003: scored, {work}/eval/step_00000003/metrics.json" in shown
+    assert re.search(r"eval: step_00000003: film 1/2 sampled and scored.*\n.*film 2/2", shown)
+    assert (f"eval: step_00000003: scored 2 new of 2 films, {work}/eval/step_00000003/metrics.json"
+            in shown)
     assert os.path.getmtime(os.path.join(work, "eval", "step_00000001", "metrics.json")) == stamp
     # Sampling is deterministic: step 1 again gives the same numbers.
     again = job.evaluate_checkpoint(config, ckpt, 1, *job.eval_films(config, dataset),
                                     str(tmp_path / "again"),
-                                    stack=(*job.text_stack(config), make_vae(config)))
+                                    stack=(*job.text_stack(config), make_vae(config)),
+                                    scorers=load_scorers(config))
     assert again == results[1]
 
 
@@ -157,3 +161,66 @@ def test_expert_pair_is_evaluated_with_both_experts(tmp_path, dataset, monkeypat
     for model, seed in zip(models, (0, 1)):
         for x, y in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(step_params(2, seed))):
             assert np.array_equal(x, y)
+
+
+BENCH = [
+    {"global_caption": "[character1] is a red circle in a studio.",
+     "shots": ["Wide shot: [character1] enters from the left.", "Close-up: a glass on a table."],
+     "cuts": [9], "frames": 17, "seed": 3},
+    {"global_caption": "An office.", "shots": ["Wide shot: a table.", "Close-up: a lamp."],
+     "cuts": [9], "frames": 17, "seed": 4},
+    {"global_caption": "[character1] a square; [character2] a circle.",
+     "shots": ["[character1] walks.", "[character2] sits.", "[character1] waves."],
+     "cuts": [5, 13], "frames": 17, "seed": 5},
+    {"global_caption": "A bedroom.", "shots": ["Wide shot: a bed."], "frames": 17, "seed": 6},
+]
+
+
+def write_bench(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+    return str(path)
+
+
+def test_prompt_file_eval_writes_the_table_and_skips_scored_films(tmp_path, monkeypatch):
+    config = eval_config()
+    ckpt, work = str(tmp_path / "ckpt"), str(tmp_path / "work")
+    save_steps(ckpt, config, [1])
+    bench = write_bench(tmp_path / "bench.jsonl", BENCH)
+    main(["eval", "--checkpoint", ckpt, "--prompts", bench, "--workdir", work,
+          "--config.eval.cut_detector=frame_difference"])
+    out = os.path.join(work, "eval", "step_00000001")
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["num_films"] == 4 and 0 < saved["metrics"]["shot_cut_accuracy"] <= 1
+    film2 = json.load(open(os.path.join(out, "film_002", "metrics.json")))
+    assert film2["cuts"] == [5, 13] and film2["request"]["seed"] == 5
+    assert len(film2["values"]["inter_shot_consistency"]) == 1   # shots 1 and 3: [character1]
+    table = open(os.path.join(work, "eval", "table.md")).read()
+    header = table.splitlines()[0]
+    assert header.index("SCA") < header.index("Inter-shot") < header.index("Subject") < \
+        header.index("Background") < header.index("Aesthetic") < header.index("Global")
+    assert "| step 00000001 |" in table and "frame-difference detector" in table
+    # a fifth prompt: only it is sampled; the four scored films are read back
+    sampled = []
+    real_generate = job.generate
+    monkeypatch.setattr(job, "generate", lambda cfg, models, tok, enc, vae, films, **kw: (
+        sampled.extend(films) or real_generate(cfg, models, tok, enc, vae, films, **kw)))
+    write_bench(bench, BENCH + [{**BENCH[1], "seed": 9}])
+    job.run_eval(config, ckpt, None, work, prompts=bench, progress=False)
+    assert [f.seed for f in sampled] == [9]
+    assert json.load(open(os.path.join(out, "metrics.json")))["num_films"] == 5
+    # a changed line whose film was scored before is refused, naming the folder
+    write_bench(bench, [{**BENCH[0], "seed": 42}] + BENCH[1:] + [{**BENCH[1], "seed": 9}])
+    with pytest.raises(ValueError, match="film_000 was scored for another film"):
+        job.run_eval(config, ckpt, None, work, prompts=bench, progress=False)
+
+
+@pytest.mark.parametrize("line,field", [
+    ({**BENCH[0], "shots": ["[charcter1] walks.", "x"]}, r"bench.jsonl:2: shots\[0\]: malformed"),
+    ({**BENCH[0], "global_caption": "[character 1 a circle"}, r"bench.jsonl:2: global_caption"),
+    ({**BENCH[0], "cuts": ["nine"]}, r"bench.jsonl:2: .*cuts"),
+])
+def test_bad_prompt_lines_name_file_line_and_field(tmp_path, line, field):
+    bench = write_bench(tmp_path / "bench.jsonl", [BENCH[1], line])
+    with pytest.raises(ValueError, match=field):
+        job.prompt_films(bench)

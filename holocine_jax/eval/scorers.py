@@ -55,32 +55,36 @@ def _check_dir(path: str, key: str):
 
 
 def _jax_towers(config):
-    """subject / clip / clip_text / aesthetic callables of the Flax towers on the mesh."""
+    """subject / clip / clip_text / aesthetic callables of the Flax towers, each jitted once and
+    sharded over the batch axes of a mesh of all devices (`towers.ShardedEmbedder`)."""
     if not (config.eval.dino or config.eval.clip or config.eval.aesthetic_head):
         return {}
-    import holocine_jax.eval.clip as C
-    import holocine_jax.eval.vit as V
-    from holocine_jax.eval.embed import sharded
+    from holocine_jax.eval.clip import ClipTokenizer, load_aesthetic_head, load_clip
+    from holocine_jax.eval.towers import ShardedEmbedder
+    from holocine_jax.eval.vit import imagenet_pixels, load_vit
     from holocine_jax.parallel import make_mesh
 
     mesh = make_mesh(dict(data=-1, fsdp=1, context=1, tensor=1))
-    rules, batch = config.mesh.rules, int(config.eval.batch_size)
-    run = lambda fn, x: sharded(fn, x, mesh=mesh, rules=rules, batch_size=batch)  # noqa: E731
-    out = {}
+    sharded = lambda fn: ShardedEmbedder(fn, mesh=mesh, rules=config.mesh.rules,  # noqa: E731
+                                         batch_size=int(config.eval.batch_size))
+    out, model = {}, None
     if config.eval.dino:
         _check_dir(config.eval.dino, "dino")
-        vit = V.load_vit(config.eval.dino)
-        out["subject"] = lambda f: run(vit.features, V.imagenet_pixels(f, 224))
+        dino = sharded(load_vit(config.eval.dino).features)
+        out["subject"] = lambda f: dino(imagenet_pixels(f, 224))
     if config.eval.clip:
         _check_dir(config.eval.clip, "clip")
-        model = C.load_clip(config.eval.clip)
-        out["clip"] = lambda f: run(model.image_features, C.clip_pixels(f, model.image_size))
-        out["clip_text"] = lambda texts: run(model.text_features, model.tokenize(texts))
+        model, tokenizer = load_clip(config.eval.clip), ClipTokenizer(config.eval.clip)
+        image, text = sharded(model.image_features), sharded(model.text_features)
+        out["clip"] = lambda f: image(model.pixels(f))
+        out["clip_text"] = lambda texts: text(tokenizer(texts))
     if config.eval.aesthetic_head:
-        large = C.load_clip(config.eval.aesthetic_clip) if config.eval.aesthetic_clip else model
-        head = C.load_aesthetic_head(config.eval.aesthetic_head)
-        out["aesthetic"] = lambda f: np.asarray(head(_unit(run(
-            large.image_features, C.clip_pixels(f, large.image_size)))))
+        path = config.eval.aesthetic_clip or config.eval.clip
+        _check_dir(path, "aesthetic_clip" if config.eval.aesthetic_clip else "clip")
+        large = load_clip(path) if config.eval.aesthetic_clip else model
+        features = sharded(large.image_features)
+        head = load_aesthetic_head(config.eval.aesthetic_head)
+        out["aesthetic"] = lambda f: np.asarray(head(_unit(features(large.pixels(f)))))
     return out
 
 

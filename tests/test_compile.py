@@ -37,6 +37,7 @@ def test_tiny_train_and_sample_compile_for_v5p_with_context_parallelism(tmp_path
     assert train["flops_total"] == pytest.approx(3 * report["programs"]["sample"]["flops_total"])
 
 
+@pytest.mark.slow  # 10 s: a second AOT compile; the v5p compile test stays in the default run
 def test_what_does_not_fit_is_reported_with_the_numbers():
     config = load_config("wan22_t2v_a14b", ["--config.attention.impl=xla", "--config.mesh.fsdp=4",
                                             "--config.train.batch_size=4"])

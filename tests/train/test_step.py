@@ -48,6 +48,7 @@ def rel_err(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+@pytest.mark.slow  # 21 s: gradient accumulation vs the big batch; the sharded step test covers the step itself
 def test_grad_accumulation_equals_the_big_batch_and_ema_follows_its_formula(model_parts, step_fn):
     graphdef, params, rest = model_parts
     state = init_train_state(config(), params)

@@ -92,13 +92,17 @@ def score_films(config, clips, films, truths, *, scorers=None) -> dict:
     scorers = scorers or load_scorers(config)
     total = None
     for clip, film, truth in zip(clips, films, truths):
-        glob, captions = parse_prompt(film.prompt)
-        m = M.film_metrics(clip, film.cuts, scorers=scorers, global_caption=glob,
-                           captions=captions, truth=truth,
-                           tolerance=int(config.eval.cut_tolerance),
-                           penalty=float(config.eval.sca_penalty))
+        m = M.FilmMetrics.from_values(film_values(config, scorers, clip, film.cuts, film, truth))
         total = m if total is None else total.merge(m)
     return M.to_floats(total.compute())
+
+
+def film_values(config, scorers, clip, cuts, film: FilmRequest, truth, detected=None) -> dict:
+    """`metrics.film_values` of one decoded film with config.eval's tolerance and SCA penalty."""
+    glob, captions = parse_prompt(film.prompt)
+    return M.film_values(clip, cuts, scorers=scorers, global_caption=glob, captions=captions,
+                         truth=truth, detected=detected, tolerance=int(config.eval.cut_tolerance),
+                         penalty=float(config.eval.sca_penalty))
 
 
 def checkpoint_steps(checkpoint: str) -> list[int]:
@@ -219,12 +223,8 @@ def score_film(config, scorers, folder: str, film: FilmRequest, clip, cuts, trut
                step) -> dict:
     """Write one sampled film (mp4, contact sheet) and its metrics.json (request, detected
     cuts, per-metric values and means) into `folder`; returns that record."""
-    glob, captions = parse_prompt(film.prompt)
     detected = [int(c) for c in scorers.cuts(clip)]
-    values = M.film_values(clip, cuts, scorers=scorers, global_caption=glob, captions=captions,
-                           truth=truth, detected=detected,
-                           tolerance=int(config.eval.cut_tolerance),
-                           penalty=float(config.eval.sca_penalty))
+    values = film_values(config, scorers, clip, cuts, film, truth, detected)
     record = dict(request=film_record(film), cuts=[int(c) for c in cuts], frames=len(clip),
                   step=step, detected_cuts=detected,
                   metrics=M.to_floats(M.FilmMetrics.from_values(values).compute()),

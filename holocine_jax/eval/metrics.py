@@ -234,7 +234,8 @@ def film_values(frames: np.ndarray, requested_cuts, *, scorers: Scorers = Scorer
     embedded = {}
     for name, key in (("subject_consistency", "subject"), ("background_consistency", "clip")):
         if getattr(scorers, key) is not None:
-            e = embedded[key] = getattr(scorers, key)(frames)
+            same = key == "clip" and scorers.clip is scorers.subject   # the built-in embedder
+            e = embedded[key] = embedded["subject"] if same else getattr(scorers, key)(frames)
             values[name] = [v for a, b in found for v in vbench_consistency(e[a:b])]
     if scorers.clip is not None:
         image = embedded["clip"]

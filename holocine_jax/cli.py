@@ -25,8 +25,11 @@ def cmd_import(args, overrides) -> str:
     from holocine_jax.convert import load_diffusers, load_official
 
     config = with_expert(load_config(args.config, overrides), args.expert)  # stored in config.json
+    from holocine_jax.files import local_copy
+
     load = load_diffusers if args.format == "diffusers" else load_official
-    model = load(args.src, config, expert=args.expert)  # validates every tensor before writing
+    # validates every tensor before writing; a gs:// --src is read from a local mirror
+    model = load(local_copy(args.src), config, expert=args.expert)
     save_params(model, args.out, config)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     what = f"the {args.expert} expert's weights" if args.expert else "weights"
@@ -197,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holocine-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def distributed(p):
+        """Peers of a multi-process job named on the command line (parallel.initialize_distributed;
+        TPU VMs find them themselves with HOLOCINE_DISTRIBUTED=1)."""
+        p.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="multi-process job: process 0's address (env JAX_COORDINATOR_ADDRESS)")
+        p.add_argument("--num-processes", type=int, help="processes in the job (env JAX_NUM_PROCESSES)")
+        p.add_argument("--process-id", type=int, help="this process, 0-based (env JAX_PROCESS_ID)")
+
     def command(name, fn, help, default_config="tiny"):
         p = sub.add_parser(name, help=help)
         p.add_argument("--config", default=default_config,
@@ -212,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", cmd_train, "train (or resume) in --workdir on a dataset")
     p.add_argument("--workdir", required=True)
     p.add_argument("--data", help="dataset directory (default: config.data.path)")
+    distributed(p)
 
     for name, fn, text in (("sample", cmd_sample, "sample films from a checkpoint"),
                            ("eval", cmd_eval, "evaluate every new step of a checkpoint")):
         p = command(name, fn, text, default_config=None)
+        distributed(p)
         if name == "sample":
             p.add_argument("--checkpoint", required=True, action="append",
                            help="checkpoint directory; A14B: --checkpoint HIGH --checkpoint LOW")
@@ -285,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--records-per-file", type=int, default=256, help="records per cache file (the unit of resume)")
     q.add_argument("--overwrite", action="store_true", help="discard an existing cache (e.g. after changing encoders)")
     q.add_argument("--quiet", action="store_true", help="no per-file progress lines")
+    distributed(q)
 
     p = command("compile", cmd_compile, "AOT-compile train/sample steps for a TPU topology "
                 "(needs the `tpu` extra): memory, FLOPs, collectives", default_config="wan22_t2v_a14b")
@@ -304,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 # - a KeyError raised by a `--config.key=value` override (anywhere else a KeyError is a bug);
 # - SystemExit with a message (a command's own usage check).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               IsADirectoryError, PermissionError)
+               IsADirectoryError, PermissionError, ConnectionError)
 
 
 def user_error(exc: BaseException) -> str | None:
@@ -346,9 +360,13 @@ def main(argv=None, *, report_errors: bool | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     try:
-        if args.command in ("train", "eval", "sample"):
+        if args.command != "compile":   # compile targets TPU; the rest must not print libtpu noise
+            from holocine_jax.parallel import skip_absent_tpu
+            skip_absent_tpu()
+        if args.command in ("train", "eval", "sample") or command == "data encode":
             from holocine_jax.parallel import initialize_distributed
-            initialize_distributed()   # multi-host TPU slices: every worker runs this command
+            # multi-host slices (every worker runs this command) or explicit peers
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         print(args.fn(args, rest))
     except BaseException as e:
         message = user_error(e) if report else None

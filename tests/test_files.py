@@ -74,3 +74,21 @@ def test_file_failure_leaves_the_path_as_it_was(tmp_path, existing):
     assert os.listdir(tmp_path) == ([] if existing is None else ["records.bin"])
     if existing is not None:
         assert path.read_text() == existing
+
+
+def test_an_uploaded_tree_sends_its_completion_markers_last(tmp_path, monkeypatch):
+    """A reader that checks the markers (config.json, commit_success.txt, dataset_info.json, ...)
+    must never see them before the files they vouch for."""
+    from holocine_jax import files
+
+    local = tmp_path / "run"
+    for rel in ("config.json", "a/commit_success.txt", "a/x.bin", "b/dataset_info.json", "b/y", "z"):
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_text(rel)
+    sent = []
+    monkeypatch.setattr(files, "_copy_file", lambda src, dst: sent.append(os.path.relpath(src, local)))
+    files.upload(str(local), "gs://bucket/run")
+    markers = [r for r in sent if os.path.basename(r) in files.MARKERS]
+    assert sorted(sent) == sorted(["config.json", "a/commit_success.txt", "a/x.bin",
+                                   "b/dataset_info.json", "b/y", "z"])
+    assert sent[-len(markers):] == markers and len(markers) == 3, sent

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
-from holocine_jax import world
+from holocine_jax import files, world
 from holocine_jax.data.manifest import ManifestError, clip_cuts, read_manifest
 from holocine_jax.data.video import VideoError, probe_video, read_video, write_video
 
@@ -120,6 +120,25 @@ def _count_films(manifest: str) -> int:
 
 def build_dataset(manifest: str, out_dir: str, config, *, strict: bool = False,
                   progress: bool = True) -> dict:
+    """See `_build_dataset`; a gs:// `out_dir` is built locally and uploaded when complete (its
+    dataset_info.json and build report last)."""
+    if not files.is_gcs(out_dir):
+        return _build_dataset(manifest, out_dir, config, strict=strict, progress=progress)
+    with files.staged_directory(out_dir) as local:
+        report = _build_dataset(manifest, local, config, strict=strict, progress=progress)
+        return _published(report, local, out_dir)
+
+
+def _published(report: dict, local: str, out_dir: str) -> dict:
+    """The build report of a staged build, naming where it is published; rewritten in `local`."""
+    report = dict(report, data_dir=files.resolve(out_dir) + report["data_dir"][len(local):])
+    with open(os.path.join(local, REPORT), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def _build_dataset(manifest: str, out_dir: str, config, *, strict: bool = False,
+                   progress: bool = True) -> dict:
     """Build the TFDS dataset of `manifest` under out_dir; returns (and writes) the report:
     {"examples": n, "skipped": {reason: count}, "skipped_files": [...], "data_dir": ...}.
 
@@ -153,14 +172,15 @@ def build_dataset(manifest: str, out_dir: str, config, *, strict: bool = False,
 def dataset_dir(out_dir: str) -> str:
     """The versioned TFDS directory inside a build's out_dir."""
     path = os.path.join(out_dir, "holocine_clips", str(HolocineClips.VERSION))
-    if not os.path.exists(os.path.join(path, "dataset_info.json")):
+    if not files.exists(os.path.join(path, "dataset_info.json")):
         raise FileNotFoundError(f"no built dataset under {out_dir!r} (expected {path})")
     return path
 
 
 def load_data_source(out_dir: str, split: str = "train"):
     """Random-access source (len, [i]) over the ArrayRecord shards; no builder class needed."""
-    return tfds.builder_from_directory(dataset_dir(out_dir)).as_data_source(split=split)
+    local = files.local_copy(dataset_dir(out_dir))   # ArrayRecord reads local files (gs://: a mirror)
+    return tfds.builder_from_directory(local).as_data_source(split=split)
 
 
 def decode_text(example: dict) -> dict:
@@ -178,7 +198,12 @@ def write_synthetic_dataset(out_dir: str, num_films: int, seed: int, config, *,
                             strict: bool = True) -> dict:
     """Render `num_films` films of the synthetic world as mp4 + manifest.jsonl in out_dir and
     build them like any manifest (attributes = the FilmSpec as JSON). Film i uses seed
-    seed * 1_000_000 + i; shots per film in [2, min(5, config.shots.max_shots)]."""
+    seed * 1_000_000 + i; shots per film in [2, min(5, config.shots.max_shots)]. A gs://
+    `out_dir` is written locally and uploaded when complete."""
+    if files.is_gcs(out_dir):
+        with files.staged_directory(out_dir) as local:
+            report = write_synthetic_dataset(local, num_films, seed, config, strict=strict)
+            return _published(report, local, out_dir)
     v = config.video
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     manifest = os.path.join(out_dir, "manifest.jsonl")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -27,7 +26,7 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
 
-from holocine_jax import prompts
+from holocine_jax import files, prompts
 from holocine_jax.data.dataset import decode_text, load_data_source
 from holocine_jax.data.video import to_unit_range
 from holocine_jax.files import atomic_file
@@ -57,8 +56,7 @@ def _flat(info: dict) -> dict:
 
 
 def _check_info(path: str, info: dict) -> None:
-    with open(path) as f:
-        old, new = _flat(json.load(f)), _flat(info)
+    old, new = _flat(json.loads(files.read_text(path))), _flat(info)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise ValueError(f"{path} was written with different settings ({', '.join(diff)}); "
@@ -113,14 +111,14 @@ def encode_dataset(data_dir: str, config, *, vae=None, text_encoder=None, tokeni
         tokenizer, text_encoder = tokenizer or default_tokenizer, text_encoder or default_encoder
     source = load_data_source(data_dir)
     out = cache_dir(data_dir)
-    if overwrite and os.path.isdir(out) and process_index == 0:
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    if overwrite and files.isdir(out) and process_index == 0:
+        files.rmtree(out)
+    files.makedirs(out)
     info = dict(num_records=len(source), records_per_file=records_per_file,
                 text_len=config.model.text_len,
                 fingerprint=_fingerprint(config, vae, text_encoder, tokenizer))
     info_path = os.path.join(out, INFO)
-    if os.path.exists(info_path):
+    if files.exists(info_path):
         _check_info(info_path, info)
     elif process_index == 0:
         with atomic_file(info_path) as tmp:
@@ -136,7 +134,7 @@ def encode_dataset(data_dir: str, config, *, vae=None, text_encoder=None, tokeni
     for first, end in mine:
         path = os.path.join(out, _file_name(first, end))
         done += end - first
-        if os.path.exists(path):
+        if files.exists(path):
             skipped += 1
             continue
         records = []
@@ -174,20 +172,21 @@ class CachedSource:
     def __init__(self, data_dir: str):
         out = cache_dir(data_dir)
         info_path = os.path.join(out, INFO)
-        if not os.path.exists(info_path):
+        if not files.exists(info_path):
             raise FileNotFoundError(f"{data_dir!r} has no encoded cache ({info_path}); run "
                                     f"`holocine-jax data encode --data {data_dir}`")
-        with open(info_path) as f:
-            self.info = json.load(f)
+        self.info = json.loads(files.read_text(info_path))
         n, per = self.info["num_records"], self.info["records_per_file"]
-        files = [os.path.join(out, _file_name(a, min(a + per, n))) for a in range(0, n, per)]
-        missing = [os.path.basename(f) for f in files if not os.path.exists(f)]
+        names = [_file_name(a, min(a + per, n)) for a in range(0, n, per)]
+        present = set(files.listdir(out))
+        missing = [name for name in names if name not in present]
         if missing:
             raise FileNotFoundError(f"the encoded cache of {data_dir!r} is incomplete ({len(missing)} of "
-                                    f"{len(files)} files missing, e.g. {missing[0]}); re-run "
+                                    f"{len(names)} files missing, e.g. {missing[0]}); re-run "
                                     f"`holocine-jax data encode --data {data_dir}`")
         self.text_len = self.info["text_len"]
-        self._source = ArrayRecordDataSource(files) if files else []
+        local = files.local_copy(out)   # ArrayRecord reads local files (gs://: a mirror)
+        self._source = ArrayRecordDataSource([os.path.join(local, n) for n in names]) if names else []
 
     def __len__(self) -> int:
         return self.info["num_records"]

@@ -30,7 +30,7 @@ import jax
 from absl import flags
 import numpy as np
 
-from holocine_jax import prompts
+from holocine_jax import files, prompts
 from holocine_jax.shots import ShotLayout
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def make_pipeline(data_dir: str, config, *, batch_size: int, seed: int, tokenize
     ds = grain.MapDataset.source(_SafeSource(source))[shard_index::shard_count]
     ds = ds.shuffle(seed=seed).repeat(num_epochs).map(ExampleTransform(config, tokenizer, cached))
     report = os.path.join(data_dir, "build_report.json")
-    build_skips = json.load(open(report)).get("skipped", {}) if os.path.exists(report) else {}
+    build_skips = json.loads(files.read_text(report)).get("skipped", {}) if files.exists(report) else {}
     return DataPipeline(ds, batch_size=batch_size, num_workers=int(config.data.num_workers),
                         prefetch=int(config.data.prefetch), sharding=sharding,
                         build_skips=build_skips)

@@ -2,4 +2,4 @@
 `attention/context.py`."""
 from holocine_jax.parallel.mesh import (AXES, batch_shardings, constrain, frozen_rules,
                                         initialize_distributed, logical_spec, make_mesh,
-                                        state_shardings)
+                                        skip_absent_tpu, state_shardings)

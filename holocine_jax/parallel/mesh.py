@@ -143,14 +143,64 @@ def constrain(x, names, rules):
     return jax.lax.with_sharding_constraint(x, logical_spec(names, rules, mesh, x.shape))
 
 
-def initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` on multi-host runs: HOLOCINE_DISTRIBUTED=1 (what
-    launch/tpu_vm.sh sets on every worker; on TPU VMs the peers come from the metadata server),
-    several TPU_WORKER_HOSTNAMES, or JAX_COORDINATOR_ADDRESS. Returns whether it ran; call it
-    before any other jax use."""
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if (os.environ.get("HOLOCINE_DISTRIBUTED") == "1" or "," in hosts
-            or os.environ.get("JAX_COORDINATOR_ADDRESS")):
-        jax.distributed.initialize()
-        return True
-    return False
+def skip_absent_tpu() -> bool:
+    """Keep jax from starting libtpu on a host without TPU chips; returns whether it did.
+
+    libtpu (the `tpu` extra, for AOT compiles on a CPU host) prints INVALID_ARGUMENT ...
+    TPU_WORKER_HOSTNAMES lines whenever jax starts its backends, though it finds no chip. Call
+    before any jax computation; it does nothing when the user chose platforms (JAX_PLATFORMS),
+    when a TPU chip is present or the backends already started. Compiling for a TPU topology
+    (`holocine-jax compile`) loads libtpu by itself and is unaffected.
+    """
+    from jax._src import hardware_utils, xla_bridge
+
+    if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+            or xla_bridge.backends_are_initialized()
+            or hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0):
+        return False
+    return xla_bridge._backend_factories.pop("tpu", None) is not None
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """`jax.distributed.initialize` on multi-host runs; returns whether it ran. Call it before any
+    other jax use. It runs when any of these is given (arguments win over the environment):
+    - explicit peers: `coordinator_address` (HOST:PORT; env JAX_COORDINATOR_ADDRESS),
+      `num_processes` (env JAX_NUM_PROCESSES) and `process_id` (env JAX_PROCESS_ID), e.g. several
+      CPU processes on one machine (`--coordinator 127.0.0.1:PORT --num-processes 2 --process-id 0`);
+    - HOLOCINE_DISTRIBUTED=1 (what launch/tpu_vm.sh sets on every worker) or several
+      TPU_WORKER_HOSTNAMES: on TPU VMs the peers come from the metadata server.
+    A partial explicit set (a coordinator without the process count, ...) is an error naming what
+    is missing, rather than a hang waiting for peers that were never named."""
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    num_processes = _int_or_none(num_processes, "JAX_NUM_PROCESSES")
+    process_id = _int_or_none(process_id, "JAX_PROCESS_ID")
+    explicit = {"coordinator address (JAX_COORDINATOR_ADDRESS, --coordinator)": coordinator_address,
+                "process count (JAX_NUM_PROCESSES, --num-processes)": num_processes,
+                "process id (JAX_PROCESS_ID, --process-id)": process_id}
+    given = [k for k, v in explicit.items() if v is not None]
+    on_tpu_pod = env.get("HOLOCINE_DISTRIBUTED") == "1" or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    if given and len(given) < len(explicit) and not on_tpu_pod:
+        missing = [k for k in explicit if k not in given]
+        raise ValueError(f"multi-process run: {', '.join(given)} given but not the "
+                         f"{' nor the '.join(missing)}")
+    if not given and not on_tpu_pod:
+        return False
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process id {process_id} is not in [0, {num_processes}) processes")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return True
+
+
+def _int_or_none(value, env_name: str) -> int | None:
+    if value is not None:
+        return int(value)
+    text = os.environ.get(env_name, "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{env_name}={text!r} is not an integer") from None

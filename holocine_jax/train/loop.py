@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from holocine_jax import files
 from holocine_jax.checkpoint import load_config_json, load_params, without_lora
 from holocine_jax.model import WanDiT
 from holocine_jax.model.lora import LoRASpec
@@ -80,7 +81,8 @@ def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None, 
     """
     tc = config.train
     total = int(tc.steps if steps is None else steps)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = files.resolve(workdir)   # local or gs://
+    files.makedirs(workdir)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), config,
                              keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
     mesh = make_mesh(config.mesh)
@@ -93,14 +95,25 @@ def run_training(config, workdir: str, *, batches, vae=None, text_encoder=None, 
         ckpt.close()
 
 
-def _resume_or_init(config, ckpt: TrainCheckpointer, batches, mesh):
-    """(state, rest, graphdef, state shardings): fresh or restored, laid out on `mesh` by the
-    rule table (fresh and restored states share one sharding, hence one compiled program)."""
+def abstract_train_state(config, mesh):
+    """(graphdef, rest, abstract TrainState, its shardings) of `config` on `mesh`: the shapes of
+    every leaf, each laid out by the config's rule table on this mesh. It is the restore target
+    of a checkpoint written on any mesh (orbax reshards: fsdp 8 -> fsdp 4 x context 2, ... or one
+    device) and the layout a fresh state is created in."""
     abstract_model = nnx.eval_shape(lambda: WanDiT.from_config(config, rngs=nnx.Rngs(config.seed)))
     graphdef, abstract_params, abstract_frozen, rest = split_model(abstract_model)
     abstract = jax.eval_shape(lambda p, f: init_train_state(config, p, f), abstract_params,
                               abstract_frozen)
     sharding = state_shardings(abstract, mesh, config.mesh.rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, sharding)
+    return graphdef, rest, abstract, sharding
+
+
+def _resume_or_init(config, ckpt: TrainCheckpointer, batches, mesh):
+    """(state, rest, graphdef, state shardings): fresh or restored, laid out on `mesh` by the
+    rule table (fresh and restored states share one sharding, hence one compiled program)."""
+    graphdef, rest, abstract, sharding = abstract_train_state(config, mesh)
 
     def fresh():
         return init_train_state(config, *split_model(initial_model(config))[1:3])
@@ -111,10 +124,8 @@ def _resume_or_init(config, ckpt: TrainCheckpointer, batches, mesh):
     if ckpt.latest_step() is None:
         return jax.device_put(fresh(), sharding), rest, graphdef, sharding
     frozen = None
-    if len(jax.tree.leaves(abstract_frozen)):   # a LoRA run: its base is not in the checkpoint
+    if len(jax.tree.leaves(abstract.frozen)):   # a LoRA run: its base is not in the checkpoint
         frozen = jax.device_put(split_model(initial_model(config))[2], sharding.frozen)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, sharding)
     state, data_state = ckpt.restore(abstract, frozen=frozen)
     if data_state:
         if not hasattr(batches, "set_state"):
@@ -129,8 +140,10 @@ def _train(config, workdir, ckpt, mesh, state, sharding, graphdef, rest, total, 
            text_encoder, tokenizer, validation_score):
     tc = config.train
     start = int(state.step)
-    train_step = jax.jit(make_train_step(config, graphdef, rest), out_shardings=(sharding, None),
-                         donate_argnums=0)
+    # metrics replicated: every host reads them whole (per-sample losses span all hosts' rows)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = jax.jit(make_train_step(config, graphdef, rest),
+                         out_shardings=(sharding, replicated), donate_argnums=0)
     encode = make_batch_encoder(config, vae=vae, text_encoder=text_encoder)  # compiled
     empty_text = _empty_text_states(config, mesh, tokenizer, text_encoder)
     writer = make_writer(workdir, total_steps=total)

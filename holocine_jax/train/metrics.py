@@ -17,6 +17,7 @@ import types
 import jax
 import numpy as np
 
+from holocine_jax import files
 from holocine_jax.flow import NUM_TRAIN_TIMESTEPS
 
 
@@ -40,11 +41,14 @@ def periodic_actions():
 
 def make_writer(logdir: str, *, console: bool = True, total_steps: int | None = None):
     """TensorBoard event files + `metrics.jsonl` under `logdir` (async), and with `console` one
-    progress line per training summary on stderr (`ConsoleWriter`, synchronous)."""
+    progress line per training summary on stderr (`ConsoleWriter`, synchronous). On a multi-host
+    run only process 0 writes the files (every process computes the same global metrics)."""
     mw = metric_writers()
-    files = mw.AsyncMultiWriter([_tensorboard_writer(mw, logdir),
-                                 _jsonl_writer(mw, os.path.join(logdir, "metrics.jsonl"))])
-    return mw.MultiWriter([files, _console_writer(mw, total_steps)]) if console else files
+    if jax.process_index() > 0:
+        return mw.MultiWriter([_console_writer(mw, total_steps)] if console else [])
+    outputs = mw.AsyncMultiWriter([_tensorboard_writer(mw, logdir),
+                                   _jsonl_writer(mw, os.path.join(logdir, "metrics.jsonl"))])
+    return mw.MultiWriter([outputs, _console_writer(mw, total_steps)]) if console else outputs
 
 
 def format_duration(seconds: float) -> str:
@@ -190,17 +194,28 @@ def _jsonl_writer(mw, path):
         """Scalars as one JSON line per write: {"step": s, name: value, ...}."""
 
         def __init__(self, path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._file = open(path, "a")
+            self._path, self._file = path, None
+            if files.is_gcs(path):   # GCS objects do not append: the whole file, rewritten
+                self._text = files.read_text(path) if files.exists(path) else ""
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self._file = open(path, "a")
 
         def write_scalars(self, step, scalars):
-            self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+            line = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
+            if self._file is None:
+                self._text += line
+                files.write_text(self._path, self._text)
+            else:
+                self._file.write(line)
 
         def flush(self):
-            self._file.flush()
+            if self._file is not None:
+                self._file.flush()
 
         def close(self):
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
 
     return JsonlWriter(path)
 
@@ -209,11 +224,10 @@ def read_metrics(path: str) -> dict[int, dict]:
     """metrics.jsonl -> {step: {name: value}}; a step written twice (a resumed run repeating
     steps after its last checkpoint) keeps its last record."""
     out: dict[int, dict] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                out.setdefault(record.pop("step"), {}).update(record)
+    for line in files.read_text(path).splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out.setdefault(record.pop("step"), {}).update(record)
     return out
 
 

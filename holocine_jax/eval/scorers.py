@@ -82,7 +82,7 @@ def _jax_towers(config):
         path = config.eval.aesthetic_clip or config.eval.clip
         _check_dir(path, "aesthetic_clip" if config.eval.aesthetic_clip else "clip")
         large = load_clip(path) if config.eval.aesthetic_clip else model
-        features = sharded(large.image_features)
+        features = sharded(large.image_features) if config.eval.aesthetic_clip else image
         head = load_aesthetic_head(config.eval.aesthetic_head)
         out["aesthetic"] = lambda f: np.asarray(head(_unit(features(large.pixels(f)))))
     return out

@@ -9,12 +9,15 @@
 
 Order of operations: random-access source (the TFDS ArrayRecord shards, or the `data encode`
 cache when `cached=True`) -> this host's slice (`shard_index::shard_count`) -> seeded shuffle,
-reshuffled every epoch -> record read (ArrayRecord + zlib decode of the stored frames) and the
-per-record transform, both in Grain worker processes -> batching and skip accounting in the main
-process -> optional `jax.device_put` with the caller's sharding.
+reshuffled every epoch -> record read (ArrayRecord; zlib inflate of stored frames) and the
+per-record transform (which decodes an "mp4"-storage clip with PyAV from memory, with
+config.data.decode_threads FFmpeg threads), both in Grain worker processes -> batching and skip
+accounting in the main process -> optional `jax.device_put` with the caller's sharding. The
+dataset's storage is read from its feature spec (`dataset.dataset_storage`).
 
 A record that cannot be read or turned into an example (corrupt bytes, cuts that do not fit,
-a prompt longer than text_len, ...) is skipped, logged with its index and counted under
+a prompt longer than text_len, an mp4 that does not decode to config.video's frames:
+`undecodable_video`, ...) is skipped, logged with its index and counted under
 `data/skipped/<reason>` (`skip_counts()`, together with the dataset build's own counts); it never
 stops training. The iterator state is Grain's position plus these counters.
 """
@@ -31,6 +34,8 @@ from absl import flags
 import numpy as np
 
 from holocine_jax import prompts
+from holocine_jax.data import dataset
+from holocine_jax.data.video import VideoError
 from holocine_jax.shots import ShotLayout
 
 log = logging.getLogger(__name__)
@@ -57,10 +62,12 @@ class _SafeSource:
 
 
 class ExampleTransform(grain.transforms.Map):
-    """(index, record) -> one example of the batch contract (no batch dim), or `_Skipped`."""
+    """(index, record) -> one example of the batch contract (no batch dim), or `_Skipped`.
 
-    def __init__(self, config, tokenizer=None, cached: bool = False):
-        self.config, self.tokenizer, self.cached = config, tokenizer, cached
+    storage: how the records hold `video` ("frames" | "mp4", `dataset.dataset_storage`)."""
+
+    def __init__(self, config, tokenizer=None, cached: bool = False, storage: str = "frames"):
+        self.config, self.tokenizer, self.cached, self.storage = config, tokenizer, cached, storage
 
     def map(self, item):
         index, record = item
@@ -68,6 +75,8 @@ class ExampleTransform(grain.transforms.Map):
             return record
         try:
             return self._example(index, record)
+        except VideoError as e:
+            return _Skipped(reason="undecodable_video", index=index, detail=str(e))
         except ValueError as e:
             return _Skipped(reason="invalid_example", index=index, detail=str(e))
         except (KeyError, TypeError) as e:
@@ -84,11 +93,17 @@ class ExampleTransform(grain.transforms.Map):
             out["text_states"] = np.asarray(r["text_states"], np.float32)
             windows, pad_start = np.asarray(r["text_windows"]), int(r["text_pad_start"])
         else:
-            video = np.asarray(r["video"])
+            name = f"record {index}"
+            video = dataset.clip_frames(r["video"], self.storage, name=name,
+                                        threads=int(c.data.decode_threads))
+            want = (c.video.num_frames, c.video.height, c.video.width, 3)
+            if self.storage == "mp4" and video.shape != want:
+                raise VideoError(name, "decode_error", f"decoded {video.shape}, config.video "
+                                 f"needs {want}")
+            if video.dtype != np.uint8 or video.ndim != 4 or video.shape[1:] != want[1:]:
+                raise ValueError(f"{name}: frames {video.dtype} {video.shape} are not uint8 "
+                                 f"[T, {c.video.height}, {c.video.width}, 3] (config.video)")
             num_frames = video.shape[0]
-            if video.dtype != np.uint8 or video.shape[1:] != (c.video.height, c.video.width, 3):
-                raise ValueError(f"record {index}: frames {video.dtype} {video.shape[1:]} != "
-                                 f"config.video uint8 {(c.video.height, c.video.width, 3)}")
             out["video"] = video  # uint8: 4x fewer bytes across the worker boundary than float32
             if self.tokenizer is not None:
                 from holocine_jax.text import tokenize
@@ -179,18 +194,19 @@ def make_pipeline(data_dir: str, config, *, batch_size: int, seed: int, tokenize
     otherwise clips, tokenised with `tokenizer` when given. `sharding`: a jax Sharding for
     every batch leaf (leading dim B), e.g. NamedSharding(mesh, P(("data", "fsdp"))).
     """
-    from holocine_jax.data.dataset import load_data_source
     from holocine_jax.data.encode import load_cached_source
 
     shard_index = jax.process_index() if shard_index is None else int(shard_index)
     shard_count = jax.process_count() if shard_count is None else int(shard_count)
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
-    source = load_cached_source(data_dir) if cached else load_data_source(data_dir)
+    source = load_cached_source(data_dir) if cached else dataset.load_data_source(data_dir)
+    storage = "frames" if cached else dataset.dataset_storage(data_dir)
     if len(source) < shard_count:
         raise ValueError(f"{data_dir!r} has {len(source)} records, fewer than {shard_count} hosts")
     ds = grain.MapDataset.source(_SafeSource(source))[shard_index::shard_count]
-    ds = ds.shuffle(seed=seed).repeat(num_epochs).map(ExampleTransform(config, tokenizer, cached))
+    transform = ExampleTransform(config, tokenizer, cached, storage)
+    ds = ds.shuffle(seed=seed).repeat(num_epochs).map(transform)
     report = os.path.join(data_dir, "build_report.json")
     build_skips = json.load(open(report)).get("skipped", {}) if os.path.exists(report) else {}
     return DataPipeline(ds, batch_size=batch_size, num_workers=int(config.data.num_workers),

@@ -203,10 +203,14 @@ def dataset_storage(out_dir: str) -> str:
     raise ValueError(f"{out_dir!r}: unknown video feature {feature!r}")
 
 
-def clip_frames(video, storage: str, *, threads: int = 1, name: str = "<bytes>") -> np.ndarray:
+def clip_frames(video, storage: str, *, threads: int = 1, name: str = "<bytes>",
+                alloc=np.empty) -> np.ndarray:
     """A record's `video` as uint8 [T, H, W, 3]: the stored frames, or the mp4 bytes decoded in
-    memory with `threads` FFmpeg threads (VideoError naming `name` when they do not decode)."""
-    return decode_mp4(video, threads=threads, name=name) if storage == "mp4" else np.asarray(video)
+    memory into `alloc(shape, dtype)` with `threads` FFmpeg threads (`video.decode_mp4`;
+    VideoError naming `name` when they do not decode)."""
+    if storage == "mp4":
+        return decode_mp4(video, threads=threads, name=name, alloc=alloc)
+    return np.asarray(video)
 
 
 def decode_text(example: dict) -> dict:

@@ -31,6 +31,7 @@ import os
 import grain
 import jax
 from absl import flags
+from grain.multiprocessing import SharedMemoryArray
 import numpy as np
 
 from holocine_jax import prompts
@@ -64,25 +65,34 @@ class _SafeSource:
 class ExampleTransform(grain.transforms.Map):
     """(index, record) -> one example of the batch contract (no batch dim), or `_Skipped`.
 
-    storage: how the records hold `video` ("frames" | "mp4", `dataset.dataset_storage`)."""
+    storage: how the records hold `video` ("frames" | "mp4", `dataset.dataset_storage`).
+    shared_memory (in Grain workers): decode mp4 clips straight into shared memory, which Grain
+    hands to the main process without the copy it makes of other arrays.
+    """
 
-    def __init__(self, config, tokenizer=None, cached: bool = False, storage: str = "frames"):
+    def __init__(self, config, tokenizer=None, cached: bool = False, storage: str = "frames",
+                 shared_memory: bool = False):
         self.config, self.tokenizer, self.cached, self.storage = config, tokenizer, cached, storage
+        self.shared_memory = shared_memory
 
     def map(self, item):
         index, record = item
         if isinstance(record, _Skipped):
             return record
+        buffers = []  # shared memory made for this record: freed if it is skipped
         try:
-            return self._example(index, record)
+            return self._example(index, record, buffers)
         except VideoError as e:
-            return _Skipped(reason="undecodable_video", index=index, detail=str(e))
+            skipped = _Skipped(reason="undecodable_video", index=index, detail=str(e))
         except ValueError as e:
-            return _Skipped(reason="invalid_example", index=index, detail=str(e))
+            skipped = _Skipped(reason="invalid_example", index=index, detail=str(e))
         except (KeyError, TypeError) as e:
-            return _Skipped(reason="malformed_record", index=index, detail=repr(e))
+            skipped = _Skipped(reason="malformed_record", index=index, detail=repr(e))
+        for buffer in buffers:  # now: the error's traceback may keep the array alive a while
+            buffer.shm.unlink()
+        return skipped
 
-    def _example(self, index, r) -> dict:
+    def _example(self, index, r, buffers: list) -> dict:
         c = self.config
         cuts = [int(x) for x in np.asarray(r["cut_frames"]).reshape(-1)]
         out = dict(index=np.int64(index))
@@ -93,8 +103,14 @@ class ExampleTransform(grain.transforms.Map):
             out["text_states"] = np.asarray(r["text_states"], np.float32)
             windows, pad_start = np.asarray(r["text_windows"]), int(r["text_pad_start"])
         else:
+            def alloc(shape, dtype):
+                if not self.shared_memory:
+                    return np.empty(shape, dtype)
+                buffers.append(SharedMemoryArray(shape, dtype))
+                return buffers[-1]
+
             name = f"record {index}"
-            video = dataset.clip_frames(r["video"], self.storage, name=name,
+            video = dataset.clip_frames(r["video"], self.storage, name=name, alloc=alloc,
                                         threads=int(c.data.decode_threads))
             want = (c.video.num_frames, c.video.height, c.video.width, 3)
             if self.storage == "mp4" and video.shape != want:
@@ -205,10 +221,11 @@ def make_pipeline(data_dir: str, config, *, batch_size: int, seed: int, tokenize
     if len(source) < shard_count:
         raise ValueError(f"{data_dir!r} has {len(source)} records, fewer than {shard_count} hosts")
     ds = grain.MapDataset.source(_SafeSource(source))[shard_index::shard_count]
-    transform = ExampleTransform(config, tokenizer, cached, storage)
+    workers = int(config.data.num_workers)
+    transform = ExampleTransform(config, tokenizer, cached, storage, shared_memory=workers > 0)
     ds = ds.shuffle(seed=seed).repeat(num_epochs).map(transform)
     report = os.path.join(data_dir, "build_report.json")
     build_skips = json.load(open(report)).get("skipped", {}) if os.path.exists(report) else {}
-    return DataPipeline(ds, batch_size=batch_size, num_workers=int(config.data.num_workers),
+    return DataPipeline(ds, batch_size=batch_size, num_workers=workers,
                         prefetch=int(config.data.prefetch), sharding=sharding,
                         build_skips=build_skips)

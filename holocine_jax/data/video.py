@@ -243,23 +243,35 @@ def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 18, preset: str = "
     return buffer.getvalue()
 
 
-def decode_mp4(data: bytes, *, threads: int = 1, name: str = "<bytes>") -> np.ndarray:
-    """Every frame of an in-memory video (e.g. `encode_mp4`'s bytes) as uint8 [T, H, W, 3].
+def decode_mp4(data: bytes, *, threads: int = 1, name: str = "<bytes>",
+               alloc=np.empty) -> np.ndarray:
+    """Every frame of an in-memory mp4 (e.g. `encode_mp4`'s bytes) as uint8 [T, H, W, 3].
 
-    threads: FFmpeg threads of the decoder and of the RGB conversion (1: none; 0: FFmpeg's auto,
-    one per core, which oversubscribes the cores when several worker processes decode).
-    Raises VideoError `decode_error` (or `no_video_stream`) with `name` as its path.
+    The frames are written into `alloc((T, H, W, 3), np.uint8)` (T from the mp4 header), e.g.
+    shared memory, to hand them to another process without a copy. threads: FFmpeg threads of
+    the decoder and of the RGB conversion (1: none; 0: FFmpeg's auto, one per core, which
+    oversubscribes the cores when several worker processes decode). Raises VideoError
+    `decode_error` (or `no_video_stream`) with `name` as its path, also when the stream does not
+    decode to the header's T frames.
     """
+    n = 0
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise VideoError(name, "no_video_stream")
             stream = container.streams.video[0]
             stream.thread_type, stream.thread_count = "AUTO", threads
-            frames = [f.to_ndarray(format="rgb24", threads=threads)
-                      for f in container.decode(stream)]
+            t, ctx = stream.frames, stream.codec_context
+            if t <= 0:
+                raise VideoError(name, "decode_error", "the header has no frame count")
+            out = alloc((t, ctx.height, ctx.width, 3), np.uint8)
+            for frame in container.decode(stream):
+                if n == t:
+                    raise VideoError(name, "decode_error", f"more frames than the header's {t}")
+                out[n] = frame.to_ndarray(format="rgb24", threads=threads)
+                n += 1
     except (av.FFmpegError, ValueError) as e:
         raise VideoError(name, "decode_error", str(e)) from None
-    if not frames:
-        raise VideoError(name, "decode_error", "no frames decoded")
-    return np.stack(frames)
+    if n != t:
+        raise VideoError(name, "decode_error", f"decoded {n} of the header's {t} frames")
+    return out

@@ -9,13 +9,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from grain.multiprocessing import SharedMemoryArray
 
 from holocine_jax import prompts
 from holocine_jax.config import load_config
 from holocine_jax.data import dataset as dataset_module
+from holocine_jax.data import pipeline as pipeline_module
 from holocine_jax.data.dataset import (build_dataset, dataset_storage, decode_text,
                                        load_data_source, write_synthetic_dataset)
-from holocine_jax.data.pipeline import make_pipeline
+from holocine_jax.data.pipeline import ExampleTransform, make_pipeline
 from holocine_jax.data.video import encode_mp4
 from holocine_jax.shots import pixel_to_latent_cut
 from holocine_jax.text import world_tokenizer
@@ -224,3 +226,26 @@ def test_undecodable_mp4_records_are_skipped_and_counted(mp4_dir, monkeypatch, c
     assert pipe.skip_counts() == {"data/skipped/undecodable_video": 3}
     for i in bad:
         assert f"skipping record {i} (undecodable_video)" in caplog.text
+
+
+def test_worker_transforms_decode_into_shared_memory_and_free_it_on_a_skip(mp4_dir,
+                                                                           monkeypatch):
+    """What a worker's transform does: Grain ships a SharedMemoryArray without copying it."""
+    made = []
+
+    def recording(shape, dtype):
+        array = SharedMemoryArray(shape, dtype)
+        made.append(array.metadata.name)
+        return array
+
+    monkeypatch.setattr(pipeline_module, "SharedMemoryArray", recording)
+    transform = ExampleTransform(load_config("tiny"), storage="mp4", shared_memory=True)
+    record = dict(load_data_source(mp4_dir)[0])
+    video = transform.map((0, record))["video"]
+    assert isinstance(video, SharedMemoryArray) and video.shape == (33, 64, 64, 3)
+    assert len(made) == 1 and os.path.exists(f"/dev/shm/{made[0]}")
+    video.unlink_on_del()  # as the main process does once it has the batch
+    del video
+    record["video"] = encode_mp4(np.zeros((17, 64, 64, 3), np.uint8), fps=8)  # decodes: too short
+    assert transform.map((0, record))["reason"] == "undecodable_video"
+    assert len(made) == 2 and not any(os.path.exists(f"/dev/shm/{name}") for name in made)

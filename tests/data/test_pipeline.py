@@ -203,6 +203,16 @@ def test_mp4_storage_two_workers_give_the_zero_worker_batches_exactly(mp4_dir):
     workers.close()
 
 
+def test_read_threads_give_the_batches_without_threads(mp4_dir):
+    config = load_config("tiny")
+    plain = make_pipeline(mp4_dir, config, batch_size=2, seed=4, num_epochs=1)
+    config.data.read_threads = 2
+    threads = make_pipeline(mp4_dir, config, batch_size=2, seed=4, num_epochs=1)
+    for a, b in zip(plain, threads, strict=True):
+        np.testing.assert_array_equal(a["index"], b["index"])
+        np.testing.assert_array_equal(a["video"], b["video"])
+
+
 def test_undecodable_mp4_records_are_skipped_and_counted(mp4_dir, monkeypatch, caplog):
     real = load_data_source(mp4_dir)
     bad = {3: lambda v: v[: len(v) // 2],                                      # truncated

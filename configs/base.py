@@ -173,6 +173,15 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
         shuffle_seed=0,
         num_workers=0,            # Grain worker processes (0: decode in the main process)
         prefetch=2,
+        read_threads=0,           # threads reading + decoding records in each process that does
+                                  # (data/pipeline.py: DataPipeline); no IPC, unlike workers
+        # How `data build|synthetic` stores clips (data/dataset.py): "frames" (uint8, zlib) or
+        # "mp4" (H.264 at config.video size/fps, x264 crf mp4_crf; decoded in the Grain
+        # workers). Readers detect it from the dataset, so this only matters when building.
+        storage="frames",
+        mp4_crf=18,
+        decode_threads=1,         # FFmpeg threads per decoding process (mp4 storage); workers
+                                  # give the parallelism, so more oversubscribes the cores
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=10_000, batch_size=1, learning_rate=1e-5, warmup_steps=100, schedule="constant",

@@ -4,13 +4,29 @@
     report = write_synthetic_dataset("/data/synth", num_films=64, seed=0, config=config)
     source = load_data_source("/data/clips")                         # random access, len(source)
 
-Each example: `video` uint8 [T, H, W, 3] (config.video: num_frames at fps, height x width,
-aspect-preserving crop), `global_caption`, `shot_captions` [K], `cut_frames` [K-1] (clip frames,
-4t+1), `num_shots`, `source` (video path), `attributes` (JSON per-shot ground truth or "").
+Each example: `video`, the clip (config.video: num_frames at fps, height x width,
+aspect-preserving crop) stored as below, `global_caption`, `shot_captions` [K], `cut_frames`
+[K-1] (clip frames, 4t+1), `num_shots`, `source` (video path), `attributes` (JSON per-shot
+ground truth or "").
 Bad lines and videos are skipped with a warning naming the file; `build_report.json` in `out_dir`
 holds the counts per reason and every skipped file. A manifest without one usable film is a
 BuildError naming it and the counts, and a failed build leaves nothing it wrote behind. TFDS
 writes ArrayRecord without TensorFlow.
+
+Storage (`config.data.storage`, a build setting: `--config.data.storage=mp4` on `data build` or
+`data synthetic`):
+- "frames" (default): `video` uint8 [T, H, W, 3], zlib-compressed raw pixels. Lossless and
+  cheap to read (inflate), but T*H*W*3 bytes per clip before zlib (39 MiB at 33x480x832).
+- "mp4": `video` the bytes of an H.264 mp4 holding exactly the clip's T frames of H x W at
+  config.video.fps, re-encoded after crop/resize/resample with x264 at config.data.mp4_crf.
+  Smaller: on the synthetic world's flat colours 5x (33x64x64) to 17x (33x480x832: 46 KiB, raw
+  39 MiB) below zlib frames, far more on real footage, which zlib barely compresses. Lossy: at
+  crf 18 the synthetic world decodes 1.9 levels off on average, up to ~65 at sharp colour edges
+  (chroma is 4:2:0). Decoding costs CPU (~40 ms a 33x480x832 clip on one core), which the
+  pipeline does in its workers or read threads (data/pipeline.py).
+"frames" stays the default: "mp4" trades exact pixels and decode CPU for size, better for big
+clips and real footage but not on every count. A reader never needs the setting: the dataset's feature spec says which (`dataset_storage`:
+a uint8 tensor or a bytes scalar), and `clip_frames` turns either into uint8 [T, H, W, 3].
 """
 from __future__ import annotations
 
@@ -28,11 +44,22 @@ import tensorflow_datasets as tfds
 
 from holocine_jax import files, world
 from holocine_jax.data.manifest import ManifestError, clip_cuts, read_manifest
-from holocine_jax.data.video import VideoError, probe_video, read_video, write_video
+from holocine_jax.data.video import (VideoError, decode_mp4, encode_mp4, probe_video,
+                                     read_video, write_video)
 
 log = logging.getLogger(__name__)
 REPORT = "build_report.json"
 PROGRESS_SECONDS = 10.0   # `data build` prints its counts at most this often (and at the end)
+STORAGES = ("frames", "mp4")
+
+
+def _video_feature(storage: str):
+    if storage == "frames":
+        return tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
+                                    encoding=tfds.features.Encoding.ZLIB)
+    if storage == "mp4":
+        return tfds.features.Tensor(shape=(), dtype=np.object_, doc="H.264 mp4 of the clip")
+    raise ValueError(f"config.data.storage must be one of {STORAGES}, got {storage!r}")
 
 
 class BuildError(ValueError):
@@ -45,17 +72,17 @@ class HolocineClips(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, manifest: str = "", video=None, max_shots: int = 13,
-                 strict: bool = False, progress: bool = False, **kwargs):
+                 strict: bool = False, progress: bool = False, storage: str = "frames",
+                 mp4_crf: int = 18, **kwargs):
         self._manifest, self._video, self._max_shots, self._strict = manifest, video, max_shots, strict
-        self._progress = progress
+        self._progress, self._storage, self._mp4_crf = progress, storage, mp4_crf
         self.skipped: collections.Counter = collections.Counter()
         self.skipped_files: list[dict] = []
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
-                                          encoding=tfds.features.Encoding.ZLIB),
+            "video": _video_feature(self._storage),
             "global_caption": tfds.features.Text(),
             "shot_captions": tfds.features.Sequence(tfds.features.Text()),
             "cut_frames": tfds.features.Tensor(shape=(None,), dtype=np.int32),
@@ -97,6 +124,8 @@ class HolocineClips(tfds.core.GeneratorBasedBuilder):
                                     self._max_shots)
         frames = read_video(record.video, num_frames=v.num_frames, fps=v.fps,
                             size=(v.height, v.width))
+        if self._storage == "mp4":
+            frames = encode_mp4(frames, fps=v.fps, crf=self._mp4_crf)
         return dict(video=frames, global_caption=record.global_caption,
                     shot_captions=list(record.shot_captions[:num_shots]),
                     cut_frames=np.asarray(cuts, np.int32), num_shots=num_shots,
@@ -150,8 +179,11 @@ def _build_dataset(manifest: str, out_dir: str, config, *, strict: bool = False,
         raise FileNotFoundError(f"manifest {manifest!r} does not exist")
     created = [p for p in (out_dir, os.path.join(out_dir, "holocine_clips"),
                            os.path.join(out_dir, "downloads")) if not os.path.exists(p)]
+    storage = config.data.storage
+    _video_feature(storage)  # a bad storage name fails before anything is written
     builder = HolocineClips(manifest=manifest, video=config.video, max_shots=config.shots.max_shots,
-                            strict=strict, progress=progress, data_dir=out_dir,
+                            strict=strict, progress=progress, storage=storage,
+                            mp4_crf=int(config.data.mp4_crf), data_dir=out_dir,
                             file_format="array_record")
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -178,9 +210,31 @@ def dataset_dir(out_dir: str) -> str:
 
 
 def load_data_source(out_dir: str, split: str = "train"):
-    """Random-access source (len, [i]) over the ArrayRecord shards; no builder class needed."""
+    """Random-access source (len, [i]) over the ArrayRecord shards; no builder class needed.
+    A record's `video` is as stored (`clip_frames` gives the frames of either storage)."""
     local = files.local_copy(dataset_dir(out_dir))   # ArrayRecord reads local files (gs://: a mirror)
     return tfds.builder_from_directory(local).as_data_source(split=split)
+
+
+def dataset_storage(out_dir: str) -> str:
+    """"frames" or "mp4": how a built dataset stores its clips, read from its feature spec
+    (datasets built before the option existed are "frames")."""
+    feature = tfds.builder_from_directory(dataset_dir(out_dir)).info.features["video"]
+    if feature.np_dtype == np.uint8:
+        return "frames"
+    if feature.np_dtype == np.object_ and feature.shape == ():
+        return "mp4"
+    raise ValueError(f"{out_dir!r}: unknown video feature {feature!r}")
+
+
+def clip_frames(video, storage: str, *, threads: int = 1, name: str = "<bytes>",
+                alloc=np.empty) -> np.ndarray:
+    """A record's `video` as uint8 [T, H, W, 3]: the stored frames, or the mp4 bytes decoded in
+    memory into `alloc(shape, dtype)` with `threads` FFmpeg threads (`video.decode_mp4`;
+    VideoError naming `name` when they do not decode)."""
+    if storage == "mp4":
+        return decode_mp4(video, threads=threads, name=name, alloc=alloc)
+    return np.asarray(video)
 
 
 def decode_text(example: dict) -> dict:

@@ -27,7 +27,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
 
 from holocine_jax import files, prompts
-from holocine_jax.data.dataset import decode_text, load_data_source
+from holocine_jax.data.dataset import (clip_frames, dataset_storage, decode_text,
+                                       load_data_source)
 from holocine_jax.data.video import to_unit_range
 from holocine_jax.files import atomic_file
 
@@ -109,7 +110,7 @@ def encode_dataset(data_dir: str, config, *, vae=None, text_encoder=None, tokeni
         from holocine_jax.text import load_text_stack
         default_tokenizer, default_encoder = load_text_stack(config)
         tokenizer, text_encoder = tokenizer or default_tokenizer, text_encoder or default_encoder
-    source = load_data_source(data_dir)
+    source, storage = load_data_source(data_dir), dataset_storage(data_dir)
     out = cache_dir(data_dir)
     if overwrite and files.isdir(out) and process_index == 0:
         files.rmtree(out)
@@ -140,8 +141,10 @@ def encode_dataset(data_dir: str, config, *, vae=None, text_encoder=None, tokeni
         records = []
         for a in range(first, end, batch_size):
             idx = range(a, min(a + batch_size, end))
-            records += _encode_batch([decode_text(source[i]) for i in idx], idx, config, vae,
-                                     text_encoder, tokenizer)
+            examples = [decode_text(source[i]) for i in idx]
+            for e in examples:
+                e["video"] = clip_frames(e["video"], storage)
+            records += _encode_batch(examples, idx, config, vae, text_encoder, tokenizer)
         with atomic_file(path) as tmp:  # readers never see a partial file
             _write_records(tmp, records)
         written += 1

@@ -1,9 +1,12 @@
-"""Video I/O with PyAV: probe, decode (seek, frame range, fps resample, resize), mp4/H.264 encode;
-the uint8 -> [-1, 1] float conversion models take (`to_unit_range`).
+"""Video I/O with PyAV: probe, decode (seek, frame range, fps resample, resize), mp4/H.264 encode
+to a file or to bytes and decode from bytes; the uint8 -> [-1, 1] float conversion models take
+(`to_unit_range`).
 
     info = probe_video("a.mp4")                       # VideoInfo(num_frames, fps, height, width)
     clip = read_video("a.mp4", start=40, num_frames=33, fps=8, size=(64, 64))  # uint8 [33,64,64,3]
     write_video("b.mp4", clip, fps=8)
+    data = encode_mp4(clip, fps=8)                    # the same mp4 as bytes
+    same = decode_mp4(data, threads=1)                # uint8 [33,64,64,3], decoded from memory
     x = to_unit_range(clip)                           # float32 [33,64,64,3] in [-1, 1], jnp
 
 Frame indices are source frames of the file. Resampling to `fps` picks, for output frame k, the
@@ -16,6 +19,7 @@ avi, ogg, flv) that FFmpeg cannot open, e.g. a truncated mp4; `not_video`: anyth
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from fractions import Fraction
@@ -196,7 +200,18 @@ def _decode(container, stream, want: np.ndarray, src_fps: float, size, resize) -
 
 def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18,
                 preset: str = "veryfast", keyframe_interval: int | None = None) -> None:
-    """Encode uint8 [T, H, W, 3] frames (H, W even) to an H.264 mp4, written atomically.
+    """`encode_mp4(frames, fps, ...)` written atomically to `path`."""
+    try:
+        data = encode_mp4(frames, fps, crf=crf, preset=preset, keyframe_interval=keyframe_interval)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 18, preset: str = "veryfast",
+               keyframe_interval: int | None = None) -> bytes:
+    """Encode uint8 [T, H, W, 3] frames (H, W even) as H.264 (yuv420p) in an mp4: its bytes.
 
     crf: x264 quality (0 lossless .. 51); keyframe_interval: GOP length (None: x264's default).
     Encodes of the same frames are usually, not always, byte-identical (x264/FFmpeg internals);
@@ -204,12 +219,13 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18,
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"{path}: frames must be uint8 [T, H, W, 3] with T > 0, "
-                         f"got {frames.dtype} {frames.shape}")
+        raise ValueError(f"frames must be uint8 [T, H, W, 3] with T > 0, got {frames.dtype} "
+                         f"{frames.shape}")
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
-        raise ValueError(f"{path}: H.264 (yuv420p) needs even height and width, got {h}x{w}")
-    with atomic_file(path) as tmp, av.open(tmp, "w", format="mp4") as container:
+        raise ValueError(f"H.264 (yuv420p) needs even height and width, got {h}x{w}")
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         options = {"crf": str(crf), "preset": preset}
@@ -224,3 +240,38 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 18,
         for frame in yuv:
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def decode_mp4(data: bytes, *, threads: int = 1, name: str = "<bytes>",
+               alloc=np.empty) -> np.ndarray:
+    """Every frame of an in-memory mp4 (e.g. `encode_mp4`'s bytes) as uint8 [T, H, W, 3].
+
+    The frames are written into `alloc((T, H, W, 3), np.uint8)` (T from the mp4 header), e.g.
+    shared memory, to hand them to another process without a copy. threads: FFmpeg threads of
+    the decoder and of the RGB conversion (1: none; 0: FFmpeg's auto, one per core, which
+    oversubscribes the cores when several worker processes decode). Raises VideoError
+    `decode_error` (or `no_video_stream`) with `name` as its path, also when the stream does not
+    decode to the header's T frames.
+    """
+    n = 0
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise VideoError(name, "no_video_stream")
+            stream = container.streams.video[0]
+            stream.thread_type, stream.thread_count = "AUTO", threads
+            t, ctx = stream.frames, stream.codec_context
+            if t <= 0:
+                raise VideoError(name, "decode_error", "the header has no frame count")
+            out = alloc((t, ctx.height, ctx.width, 3), np.uint8)
+            for frame in container.decode(stream):
+                if n == t:
+                    raise VideoError(name, "decode_error", f"more frames than the header's {t}")
+                out[n] = frame.to_ndarray(format="rgb24", threads=threads)
+                n += 1
+    except (av.FFmpegError, ValueError) as e:
+        raise VideoError(name, "decode_error", str(e)) from None
+    if n != t:
+        raise VideoError(name, "decode_error", f"decoded {n} of the header's {t} frames")
+    return out

@@ -176,3 +176,12 @@ def test_build_prints_progress_counts(tmp_path, config, capsys):
     assert "data build: 2/2 films read, 1 kept, 1 skipped (" in err and " films/s)" in err
     build_dataset(str(manifest), str(tmp_path / "quiet"), config, progress=False)
     assert "data build:" not in capsys.readouterr().err
+
+
+def test_an_unknown_storage_is_refused_before_anything_is_written(tmp_path):
+    manifest = tmp_path / "films.jsonl"
+    manifest.write_text('{"video": "a.mp4", "global_caption": "g", "shot_captions": ["a"]}\n')
+    with pytest.raises(ValueError, match=r"config.data.storage must be one of \('frames', 'mp4'\)"):
+        build_dataset(str(manifest), str(tmp_path / "out"),
+                      load_config("tiny", ["--config.data.storage=webm"]))
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,8 @@ import pytest
 
 from holocine_jax import prompts
 from holocine_jax.config import load_config
-from holocine_jax.data.dataset import decode_text, load_data_source, write_synthetic_dataset
+from holocine_jax.data.dataset import (build_dataset, clip_frames, decode_text, load_data_source,
+                                       write_synthetic_dataset)
 from holocine_jax.data.encode import cache_dir, encode_dataset, load_cached_source
 from holocine_jax.text import encode_text, tiny_text_encoder, world_tokenizer
 from holocine_jax.vae import make_vae, normalize_latents
@@ -112,6 +113,18 @@ def test_records_hold_latents_text_states_and_windows(dataset, config, stack):
         np.testing.assert_array_equal(rec["cut_frames"], ex["cut_frames"])
         assert (rec["index"], rec["num_shots"], rec["num_frames"]) == (i, ex["num_shots"],
                                                                        config.video.num_frames)
+
+
+def test_an_mp4_stored_dataset_encodes_its_decoded_clips(built, tmp_path, config, stack):
+    mp4 = str(tmp_path / "mp4")
+    build_dataset(str(built / "manifest.jsonl"), mp4,
+                  load_config("tiny", ["--config.data.storage=mp4"]), progress=False)
+    encode_dataset(mp4, config, **stack, batch_size=NUM_FILMS, progress=False)
+    source = load_data_source(mp4)
+    video = np.stack([clip_frames(source[i]["video"], "mp4") for i in range(NUM_FILMS)])
+    want = np.asarray(normalize_latents(stack["vae"].encode(video / 127.5 - 1.0), config))
+    got = np.stack([r["latents"] for r in records(mp4)])
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
 
 
 def test_hosts_split_files_and_changed_settings_refused(dataset, config, stack):

@@ -6,8 +6,8 @@ import pytest
 
 from holocine_jax import world
 from holocine_jax.data.cuts import detect_cuts
-from holocine_jax.data.video import (VideoError, probe_video, read_video, resample_indices,
-                                     to_unit_range, write_video)
+from holocine_jax.data.video import (VideoError, decode_mp4, encode_mp4, probe_video, read_video,
+                                     resample_indices, to_unit_range, write_video)
 
 BITS = 6
 
@@ -49,6 +49,19 @@ def test_round_trip_keeps_content_and_cuts(tmp_path):
         assert decoded.shape == frames.shape and decoded.dtype == np.uint8
         assert np.abs(decoded.astype(np.int16) - frames).mean() < 5.0
         assert detect_cuts(decoded) == list(spec.cut_frames), seed
+        with open(path, "rb") as f:  # the same decode from memory, with or without threads
+            data = f.read()
+        for threads in (1, 0):
+            np.testing.assert_array_equal(decode_mp4(data, threads=threads), decoded)
+
+
+def test_mp4_bytes_round_trip_and_decode_errors():
+    frames, _ = world.make_film(5, height=64, width=64, num_frames=33)
+    data = encode_mp4(frames, fps=8)
+    assert data[4:8] == b"ftyp" and np.abs(decode_mp4(data).astype(np.int16) - frames).mean() < 5.0
+    for bad in (b"", b"not a video" * 100, data[: len(data) // 2]):
+        with pytest.raises(VideoError, match="record 4: decode_error"):
+            decode_mp4(bad, name="record 4")
 
 
 def test_stamps_survive_encoding(stamped):

@@ -1,9 +1,10 @@
 """gs:// end to end against a local GCS emulator (issue 21; tests/gcs_emulator.py, 127.0.0.1
 only, never a real bucket): `data synthetic --out gs://` publishes a dataset whose batches through
-the pipeline are its stored records; a training run with its workdir on gs:// killed with SIGKILL mid-step (slow: also
-during an async save) resumes bit-identical to an uninterrupted gs:// run, a half-written step
-is never taken as complete, and `export --out gs://` writes what loads back as the trained
-weights."""
+the pipeline are its stored records; a training run with its workdir on gs:// killed with SIGKILL
+mid-step resumes bit-identical to an uninterrupted gs:// run, and `export --out gs://` writes what
+loads back as the trained weights; a stopped emulator fails the check at once. Under `slow`:
+SIGTERM mid-step (the run saves that step), SIGKILL while a save is half uploaded (never taken as
+complete), and the one-line error of a command whose GCS is down."""
 import os
 import signal
 import socket

@@ -32,7 +32,7 @@ def compare(layout, heads, head_dim, block, *, block_kv=None, weight=2.0, dtype=
             for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [pytest.param(64, marks=pytest.mark.slow), 128])
 def test_wan_head_dims_in_the_interpreter(head_dim):
     """Ragged shots of 1, 3, 2 frames: 72 tokens in blocks of 32 (padded to 96)."""
     film = ShotLayout.from_latent_cuts(6, [1, 4], latent_hw=(3, 4), max_shots=3)

@@ -121,6 +121,7 @@ def test_hard_cut_in_synthetic_film(film_prediction):
     assert probabilities.shape == (40,) and int(np.argmax(probabilities)) == 16
 
 
+@pytest.mark.slow
 def test_resize_and_batched_core(model, film, film_prediction):
     small = T.transnet_frames(film)
     assert small.shape == (40, 27, 48, 3) and small.dtype == np.uint8

@@ -33,7 +33,8 @@ def same_params(config, **model_fields):
     return base, other
 
 
-@pytest.mark.parametrize("fields", [dict(scan_layers=False), dict(remat="nothing_saveable"),
+@pytest.mark.parametrize("fields", [pytest.param(dict(scan_layers=False), marks=pytest.mark.slow),
+                                    pytest.param(dict(remat="nothing_saveable"), marks=pytest.mark.slow),
                                     pytest.param(dict(remat="dots_saveable"), marks=pytest.mark.slow)])
 def test_unrolled_and_remat_match_scan(fields):
     base, other = same_params(tiny_config(num_layers=3), num_layers=3, **fields)

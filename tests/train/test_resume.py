@@ -26,6 +26,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from resume_worker import worker_config  # noqa: E402
 
+# the whole module under `slow` (test budget): the default run kills and resumes the same worker
+# on gs:// (tests/test_gcs.py), and refuses another config in tests/train/test_cross_mesh.py
+pytestmark = pytest.mark.slow
+
 STEPS, EVERY = 12, 3
 
 

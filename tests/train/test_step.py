@@ -218,6 +218,7 @@ def test_progress_line_and_durations():
         "train: step 20, loss 0.4123, 2.00 steps/s, 3 skipped"
 
 
+@pytest.mark.slow
 def test_training_on_raw_batches_prints_progress_and_compiles_encoding(tmp_path, capsys):
     from holocine_jax.train.loop import run_training
 

@@ -127,6 +127,7 @@ class Batches:
         return batch_of(self.config, 8, self.i)   # one film per test device
 
 
+@pytest.mark.slow
 def test_validation_films_reach_tensorboard(tmp_path):
     config = tiny("train.caption_dropout=0.5", "train.validate_every=2", "train.validation_films=1",
                   "train.validation_steps=2", "sample.guidance_scale=3.0")

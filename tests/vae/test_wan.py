@@ -48,7 +48,8 @@ def compiled(pair):
     return get
 
 
-@pytest.mark.parametrize("frames", [1, 5, 9, 13])
+@pytest.mark.parametrize("frames", [1, pytest.param(5, marks=pytest.mark.slow),
+                                    pytest.param(9, marks=pytest.mark.slow), 13])
 def test_encode_decode_match_diffusers(pair, compiled, frames):
     version, model, vae = pair
     s = pixel_size(version)

@@ -30,7 +30,7 @@ GCS = "gs://"
 # Files whose presence says a directory is complete (checkpoint config, orbax step commit, TFDS
 # dataset info, build report): uploaded after everything else.
 MARKERS = ("config.json", "commit_success.txt", "_CHECKPOINT_METADATA", "dataset_info.json",
-           "build_report.json", "info.json")
+           "build_report.json", "info.json", "metrics.json")
 
 
 def is_gcs(path) -> bool:

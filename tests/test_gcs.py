@@ -246,3 +246,33 @@ def test_an_unreachable_gcs_is_a_one_line_error_naming_path_and_endpoint(tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("holocine-jax data synthetic: error: gs://") and \
         f"cannot reach Google Cloud Storage at http://127.0.0.1:{port}" in last, last
+
+
+@pytest.mark.slow
+def test_eval_reads_a_gcs_checkpoint_and_writes_its_results_to_gcs(gcs, tmp_path):
+    """`eval` with checkpoint and workdir on gs://: per-film folders (metrics.json uploaded last),
+    the step's metrics.json and table.md on GCS; a rerun skips the scored step."""
+    import orbax.checkpoint as ocp
+
+    sys.path.insert(0, HERE)
+    from eval.test_job import eval_config, step_params
+    from holocine_jax.data.dataset import write_synthetic_dataset
+    from holocine_jax.eval import job
+
+    up(gcs)
+    config = eval_config()
+    data = str(tmp_path / "data")
+    write_synthetic_dataset(data, 2, 0, config)
+    ckpt, work = f"{gcs['root']}/eval-ckpt", f"{gcs['root']}/eval-work"
+    files.write_text(f"{ckpt}/config.json", config.to_json_best_effort())
+    with ocp.CheckpointManager(ckpt, item_names=("params",)) as manager:
+        manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(step_params(1))))
+        manager.wait_until_finished()
+    results = job.run_eval(config, ckpt, data, work, progress=False)
+    assert sorted(results) == [1]
+    step = f"{work}/eval/{job.point_name((1,))[1]}"
+    assert {"metrics.json", "film_000", "film_001"} <= set(files.listdir(step))
+    assert {"film.mp4", "contact_sheet.png", "film.json", "metrics.json"} <= \
+        set(files.listdir(f"{step}/film_000"))
+    assert "| step 00000001 |" in files.read_text(f"{work}/eval/table.md")
+    assert job.run_eval(config, ckpt, data, work, progress=False) == {}   # scored: skipped

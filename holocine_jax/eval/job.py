@@ -24,10 +24,10 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 
+from holocine_jax import files
 from holocine_jax.checkpoint import check_experts, checkpoint_dirs
 from holocine_jax.eval import metrics as M
 from holocine_jax.eval.scorers import load_scorers, scorer_notes
-from holocine_jax.files import atomic_file
 from holocine_jax.prompts import build_prompt, check_character_tags, parse_prompt
 from holocine_jax.sample.output import write_film
 from holocine_jax.sample.run import (FilmRequest, generate, load_experts, read_prompt_file,
@@ -107,9 +107,9 @@ def film_values(config, scorers, clip, cuts, film: FilmRequest, truth, detected=
 
 def checkpoint_steps(checkpoint: str) -> list[int]:
     """Complete steps of a checkpoint directory (orbax), oldest first."""
-    if not os.path.isdir(checkpoint):
+    if not files.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint directory {checkpoint!r} does not exist")
-    with ocp.CheckpointManager(os.path.abspath(checkpoint), item_names=("params",)) as manager:
+    with ocp.CheckpointManager(files.resolve(checkpoint), item_names=("params",)) as manager:
         steps = sorted(manager.all_steps())
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint step in {checkpoint!r}")
@@ -144,10 +144,9 @@ def scored_film(folder: str, request: dict | None):
     """The record of a film scored before in `folder` (None if not yet); raises when it was
     scored for another request (a changed benchmark line), naming the folder."""
     path = os.path.join(folder, "metrics.json")
-    if not os.path.exists(path):
+    if not files.exists(path):
         return None
-    with open(path) as f:
-        record = json.load(f)
+    record = json.loads(files.read_text(path))
     if request is not None and record["request"] != request:
         raise ValueError(f"{folder} was scored for another film ({record['request']}) than "
                          f"{request}; remove the folder to score the new one")
@@ -161,10 +160,9 @@ def point_done(workdir: str, point, films) -> bool:
     scored = [scored_film(os.path.join(out, f"film_{i:03d}"), film_record(f))
               for i, f in enumerate(films)]
     path = os.path.join(out, "metrics.json")
-    if not os.path.exists(path) or None in scored:
+    if not files.exists(path) or None in scored:
         return False
-    with open(path) as f:
-        return json.load(f)["num_films"] == len(films)
+    return json.loads(files.read_text(path))["num_films"] == len(films)
 
 
 def evaluate_checkpoint(config, checkpoint, step, films, truths, workdir: str, *,
@@ -211,8 +209,7 @@ def evaluate_checkpoint(config, checkpoint, step, films, truths, workdir: str, *
     if len(paths) > 1:
         record["experts"] = {e: dict(checkpoint=p, step=s)
                              for e, p, s in zip(config.experts.names, paths, point)}
-    with atomic_file(os.path.join(out, "metrics.json")) as tmp, open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
+    files.write_text(os.path.join(out, "metrics.json"), json.dumps(record, indent=2))
     if progress:
         console(f"eval: {folder}: scored {len(todo)} new of {len(films)} films, "
                 f"{os.path.join(out, 'metrics.json')}")
@@ -229,11 +226,10 @@ def score_film(config, scorers, folder: str, film: FilmRequest, clip, cuts, trut
                   step=step, detected_cuts=detected,
                   metrics=M.to_floats(M.FilmMetrics.from_values(values).compute()),
                   values=values)
-    os.makedirs(folder, exist_ok=True)
-    write_film(folder, clip, fps=config.video.fps, cut_frames=list(cuts),
-               metadata=dict(prompt=film.prompt, seed=film.seed, step=step))
-    with atomic_file(os.path.join(folder, "metrics.json")) as tmp, open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
+    with files.staged_directory(folder) as local:   # gs://: uploaded, metrics.json last
+        write_film(local, clip, fps=config.video.fps, cut_frames=list(cuts),
+                   metadata=dict(prompt=film.prompt, seed=film.seed, step=step))
+        files.write_text(os.path.join(local, "metrics.json"), json.dumps(record, indent=2))
     return record
 
 
@@ -241,14 +237,12 @@ def write_table(config, workdir: str, scorers) -> str:
     """workdir/eval/table.md: one row per scored step point, Table 1's columns."""
     rows = {}
     root = os.path.join(workdir, "eval")
-    for name in sorted(os.listdir(root)):
+    for name in files.listdir(root):
         path = os.path.join(root, name, "metrics.json")
-        if name.startswith("step_") and os.path.exists(path):
-            with open(path) as f:
-                rows[name.replace("_", " ", 1)] = json.load(f)["metrics"]
+        if name.startswith("step_") and files.exists(path):
+            rows[name.replace("_", " ", 1)] = json.loads(files.read_text(path))["metrics"]
     table = os.path.join(root, "table.md")
-    with atomic_file(table) as tmp, open(tmp, "w") as f:
-        f.write(M.table1_markdown(rows, scorer_notes(config, scorers)))
+    files.write_text(table, M.table1_markdown(rows, scorer_notes(config, scorers)))
     return table
 
 
@@ -283,7 +277,8 @@ def run_eval(config, checkpoint, data_dir: str | None, workdir: str, *, prompts:
     todo = [p for p in points if not point_done(workdir, p, films)]
     if progress:
         console(f"eval: {len(points)} step point(s), {len(points) - len(todo)} already scored")
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    workdir = files.resolve(workdir)   # local or gs://
+    files.makedirs(os.path.join(workdir, "eval"))
     writer = make_writer(os.path.join(workdir, "eval"), console=False)
     try:
         for point in todo:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from holocine_jax import prompts
+from holocine_jax import files, prompts
 from holocine_jax.data.manifest import cuts_field, shot_fields
 from holocine_jax.sample.cache import cache_settings
 from holocine_jax.sample.output import to_uint8, write_film
@@ -165,7 +165,7 @@ def load_experts(config, checkpoint, *, steps=None, loras=()):
 
     paths = checkpoint_dirs(checkpoint)
     for p in paths:
-        if not os.path.isdir(p):
+        if not files.isdir(p):
             raise FileNotFoundError(f"checkpoint {p!r} is not a directory")
     check_experts(config, paths)
     models = []
@@ -231,7 +231,7 @@ def run_sample(config, checkpoint, films, out_dir: str, *, progress: bool = True
             film_cuts(film, film.num_frames or config.video.num_frames)
         except ValueError as e:
             raise ValueError(f"film {i}: {e}" if len(films) > 1 else str(e)) from None
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    if files.exists(out_dir) and (not files.isdir(out_dir) or files.listdir(out_dir)):
         raise FileExistsError(f"output directory {out_dir!r} exists and is not empty")
     models = load_experts(config, checkpoint, loras=loras)
     tokenizer, encoder = text_stack(config)

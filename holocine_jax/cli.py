@@ -23,10 +23,9 @@ def cmd_import(args, overrides) -> str:
 
     from holocine_jax.checkpoint import save_params, with_expert
     from holocine_jax.convert import load_diffusers, load_official
-
-    config = with_expert(load_config(args.config, overrides), args.expert)  # stored in config.json
     from holocine_jax.files import local_copy
 
+    config = with_expert(load_config(args.config, overrides), args.expert)  # stored in config.json
     load = load_diffusers if args.format == "diffusers" else load_official
     # validates every tensor before writing; a gs:// --src is read from a local mirror
     model = load(local_copy(args.src), config, expert=args.expert)

@@ -254,7 +254,6 @@ def test_eval_reads_a_gcs_checkpoint_and_writes_its_results_to_gcs(gcs, tmp_path
     the step's metrics.json and table.md on GCS; a rerun skips the scored step."""
     import orbax.checkpoint as ocp
 
-    sys.path.insert(0, HERE)
     from eval.test_job import eval_config, step_params
     from holocine_jax.data.dataset import write_synthetic_dataset
     from holocine_jax.eval import job

@@ -127,7 +127,9 @@ def base_config(size: str, vae: str, sampling: dict) -> ml_collections.ConfigDic
     # frames / 5 shots vs 853 ms at 128 x 128 (7.2x fewer grid steps for 1.09x padded FLOPs), 925 vs
     # 6385 ms at 961 / 13. GPU (Triton) users: 128 x 128.
     c.attention.update(block_q=512, block_kv=512)
-    c.shots = ml_collections.ConfigDict(dict(max_shots=13, summary_frames=1))
+    # window_cross_attention=False: every shot's tokens read the whole prompt (ablation).
+    c.shots = ml_collections.ConfigDict(dict(max_shots=13, summary_frames=1,
+                                             window_cross_attention=True))
     c.video = ml_collections.ConfigDict(dict(
         num_frames=sampling["num_frames"], height=sampling["height"], width=sampling["width"],
         fps=sampling["fps"]))

@@ -222,8 +222,12 @@ class ShotLayout:
         """The layout of a film under a run config: pixel-frame `cut_frames` of a `num_frames`
         film (None: config.video.num_frames) on the token grid of `latent_shape` patchified by
         config.model.patch_size, with config.shots.{max_shots, summary_frames}; see `from_cuts`.
+        config.shots.window_cross_attention=False drops the text windows (every shot reads every
+        caption: the paper's "no window cross-attention" ablation).
         """
         frames = config.video.num_frames if num_frames is None else num_frames
+        if not config.shots.window_cross_attention:
+            text_windows = text_pad_start = None
         _, _, h, w, _ = latent_shape(config, num_frames=frames)
         _, ph, pw = config.model.patch_size
         return cls.from_cuts(frames, cut_frames, latent_hw=(h // ph, w // pw),

@@ -90,9 +90,15 @@ def score_films(config, clips, films, truths, *, scorers=None) -> dict:
     """Metrics of decoded films (validation films, the demo): clips uint8 [T, H, W, 3] per film,
     in the order of `films`; scorers: `metrics.Scorers` (default: `load_scorers(config)`)."""
     scorers = scorers or load_scorers(config)
+    return pooled_metrics([film_values(config, scorers, clip, film.cuts, film, truth)
+                           for clip, film, truth in zip(clips, films, truths)])
+
+
+def pooled_metrics(values: list[dict]) -> dict:
+    """The metrics of films from their per-film `film_values` (each value pooled, as clu)."""
     total = None
-    for clip, film, truth in zip(clips, films, truths):
-        m = M.FilmMetrics.from_values(film_values(config, scorers, clip, film.cuts, film, truth))
+    for v in values:
+        m = M.FilmMetrics.from_values(v)
         total = m if total is None else total.merge(m)
     return M.to_floats(total.compute())
 
@@ -195,11 +201,7 @@ def evaluate_checkpoint(config, checkpoint, step, films, truths, workdir: str, *
             if progress:
                 console(f"eval: {folder}: film {done}/{len(todo)} sampled and scored "
                         f"({format_duration(time.perf_counter() - start)})")
-    total = None
-    for i in range(len(films)):
-        m = M.FilmMetrics.from_values(records[i]["values"])
-        total = m if total is None else total.merge(m)
-    result = M.to_floats(total.compute())
+    result = pooled_metrics([records[i]["values"] for i in range(len(films))])
     if writer is not None:
         writer.write_scalars(max(point), {f"eval/{name}": value for name, value in result.items()
                                           if value is not None})

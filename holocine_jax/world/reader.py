@@ -35,7 +35,7 @@ COLOUR_TOL, MARK_TOL, SCENE_TOL = 40.0, 22.0, 14.0
 SHADE_MIN = 0.7     # darkest shade of a character colour that still counts as that colour
 RESOLVED, CRISP_TOL = 0.8, 12.0  # share of the character's pixels within CRISP_TOL of body / mark
 CLOSE_UP_GLASS = 0.21    # glass height / frame height: wide <= 0.16, close-up >= 0.27
-CLOSE_UP_HEIGHT = 0.36   # character height / frame height: wide <= 0.30
+CLOSE_UP_HEIGHT = 0.62   # character height / frame height: wide <= 0.49, close-up >= 0.75
 MIN_PIXELS = 6
 
 

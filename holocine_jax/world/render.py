@@ -23,7 +23,7 @@ EYE, PUPIL = (250, 250, 250), (20, 20, 20)
 STRIPE_SHADE, BOARD_SHADE, MARK_SHADE = 0.86, 0.7, 0.5  # darker shades of wall, floor, body
 
 FLOOR_Y = 0.70
-RADIUS = 0.11                      # character half-size
+RADIUS = 0.18                      # character half-size (~1.5 DiT tokens wide at 64x64, tiny)
 CHAR_Y = 0.82 - RADIUS             # character centre when standing on the floor
 TABLE_TOP = 0.60
 GLASS_HALF_W, GLASS_TOP, GLASS_RIM_W = 0.035, 0.48, 0.008
@@ -33,7 +33,7 @@ LIQUID_TOP = TABLE_TOP - GLASS_RIM_W  # liquid surface at level 1 is GLASS_TOP +
 def layout(side: str) -> tuple[float, float, float]:
     """(s, character rest x, glass x): s = +1 when the character enters from the left."""
     s = 1.0 if side == "left" else -1.0
-    return s, 0.5 - s * 0.14, 0.5 + s * 0.12
+    return s, 0.5 - s * 0.19, 0.5 + s * 0.12
 
 
 def frame_params(spec: FilmSpec, aspect: float) -> dict[str, np.ndarray]:
@@ -53,7 +53,7 @@ def frame_params(spec: FilmSpec, aspect: float) -> dict[str, np.ndarray]:
         p["cx"][f], p["cy"][f], p["hh"][f] = cx, cy, hh
         p["char_x"][f], p["char_y"][f] = rest_x, CHAR_Y + idle[f]
         if shot.action == "enter":
-            start_x = cx - s * hh * aspect            # centred on the entry edge: half visible
+            start_x = cx - s * (hh * aspect - RADIUS)  # just inside the entry edge: whole
             walk = np.clip(frac / 0.85, 0.0, 1.0)
             walk = walk * walk * (3 - 2 * walk)      # smoothstep
             p["char_x"][f] = start_x + (rest_x - start_x) * walk

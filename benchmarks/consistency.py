@@ -186,6 +186,10 @@ def main(argv=None):
                         warmup_steps=min(50, args.steps // 10), log_every=50,
                         checkpoint_every=args.steps, keep_checkpoints=1, validate_every=0)
     config.sample.update(num_steps=args.sample_steps, batch_size=args.eval_films)
+    # Cuts by frame difference unless --config.eval.cut_detector says otherwise: the world's cuts
+    # are hard cuts, and TransNetV2 (~1 s per film here) misses framing-only cuts at 64x64.
+    if not any(o.startswith("--config.eval.cut_detector=") for o in overrides):
+        config.eval.cut_detector = "frame_difference"
     if args.guidance is not None:
         config.sample.guidance_scale = args.guidance
     tokenizer, encoder = text_stack(config)

@@ -3,14 +3,16 @@
     summary = run_demo(load_config("tiny"), "/tmp/holocine-demo")
 
 1. writes a synthetic multi-shot dataset (TFDS / ArrayRecord) into `workdir/data`;
-2. trains the tiny Wan DiT on it as `holocine-jax train` does (`workdir/train`: orbax
-   checkpoints, TensorBoard + metrics.jsonl), with the tiny text encoder and DCT autoencoder;
-3. samples one held-out multi-shot film (`workdir/film`: film.mp4, contact_sheet.png, film.json);
-4. evaluates it against the world's ground truth (`workdir/film/metrics.json`).
+2. encodes it once (`holocine-jax data encode`: latents of the DCT autoencoder and states of the
+   tiny text encoder in `workdir/data/encoded`), so training steps do not re-encode clips;
+3. trains the tiny Wan DiT on it as `holocine-jax train` does (`workdir/train`: orbax
+   checkpoints, TensorBoard + metrics.jsonl);
+4. samples one held-out multi-shot film (`workdir/film`: film.mp4, contact_sheet.png, film.json);
+5. evaluates it against the world's ground truth (`workdir/film/metrics.json`).
 
 Each stage skips what an earlier run of the same workdir already finished, so an interrupted
-demo resumes (training resumes from its latest checkpoint). Each phase (data / train / sample /
-score) prints its start and its time on stderr; `demo.json` records the times.
+demo resumes (training resumes from its latest checkpoint). Each phase (data / encode / train /
+sample / score) prints its start and its time on stderr; `demo.json` records the times.
 """
 from __future__ import annotations
 
@@ -81,6 +83,7 @@ def sample_and_score(config, checkpoint: str, out_dir: str, *, times: dict | Non
 def run_demo(config, workdir: str, *, num_films: int = 64) -> dict:
     """Data -> training -> one sampled film -> metrics, all under `workdir`. Returns paths,
     the training summary, the film's metrics and the phases' seconds ("times")."""
+    from holocine_jax.data.encode import cache_dir, encode_dataset
     from holocine_jax.eval.job import score_films
     from holocine_jax.eval.scorers import load_scorers
     from holocine_jax.text import load_text_stack
@@ -92,10 +95,13 @@ def run_demo(config, workdir: str, *, num_films: int = 64) -> dict:
     data_dir = os.path.join(workdir, "data")
     with phase("data", times, f"{num_films} synthetic films in {data_dir} (built once)"):
         build_data(config, data_dir, num_films)
+    tokenizer, encoder = load_text_stack(config)
+    vae = make_vae(config)
+    with phase("encode", times, f"latents + text states of the films -> {cache_dir(data_dir)}"):
+        encode_dataset(data_dir, config, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+                       batch_size=8)
     train_dir = os.path.join(workdir, "train")
     with phase("train", times, f"the {config.name} config for {config.train.steps} steps -> {train_dir}"):
-        tokenizer, encoder = load_text_stack(config)
-        vae = make_vae(config)
         scorers = load_scorers(config)
         summary = train_on_dataset(config, data_dir, train_dir, tokenizer=tokenizer,
                                    text_encoder=encoder, vae=vae,

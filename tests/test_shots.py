@@ -189,12 +189,14 @@ def test_shot_bounds_in_pixel_frames():
         shot_bounds(41, [41])
 
 
-def run_config(height=480, width=832, num_frames=241, patch_size=(1, 2, 2), summary_frames=1):
+def run_config(height=480, width=832, num_frames=241, patch_size=(1, 2, 2), summary_frames=1,
+               window_cross_attention=True):
     """A duck-typed run config with only the fields shots.py reads (no configs/ import)."""
     ns = types.SimpleNamespace
     return ns(video=ns(num_frames=num_frames, height=height, width=width),
               vae=ns(stride=(4, 8, 8)), model=ns(patch_size=patch_size, in_channels=16),
-              shots=ns(max_shots=13, summary_frames=summary_frames))
+              shots=ns(max_shots=13, summary_frames=summary_frames,
+                       window_cross_attention=window_cross_attention))
 
 
 def test_a_configs_latents_and_token_grid_follow_the_holocine_numbers():
@@ -225,6 +227,18 @@ def test_for_config_is_from_cuts_on_the_configs_grid():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="14 shots exceed max_shots=13"):
         ShotLayout.for_config(run_config(), even_cuts(241, 14))
+
+
+def test_without_window_cross_attention_every_shot_reads_every_caption():
+    windows, pad = [[0, 5], [5, 9], [9, 14]], 14
+    windowed = ShotLayout.for_config(run_config(num_frames=9, height=16, width=16), [5],
+                                     text_windows=windows, text_pad_start=pad)
+    mask = np.asarray(windowed.cross_attention_mask(16))        # [L, 16]
+    assert not mask.all() and mask[:, :5].all()                  # global caption for everyone
+    config = run_config(num_frames=9, height=16, width=16, window_cross_attention=False)
+    plain = ShotLayout.for_config(config, [5], text_windows=windows, text_pad_start=pad)
+    assert np.asarray(plain.cross_attention_mask(16)).all()
+    np.testing.assert_array_equal(plain.shot_starts, windowed.shot_starts)
 
 
 def test_shots_imports_no_other_holocine_module():

@@ -42,7 +42,7 @@ def sample_config():
     ns = types.SimpleNamespace
     return ns(video=ns(num_frames=FRAMES, height=480, width=832), vae=ns(stride=(4, 8, 8)),
               model=ns(patch_size=(1, 2, 2), in_channels=16, text_len=128),
-              shots=ns(max_shots=13, summary_frames=1))
+              shots=ns(max_shots=13, summary_frames=1, window_cross_attention=True))
 
 
 def test_the_official_rule_differs_from_plain_mapping_on_90_cuts():

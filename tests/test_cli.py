@@ -24,10 +24,12 @@ def test_demo_builds_data_trains_samples_and_scores(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trained 4 steps" in out and "film.mp4" in out
     for path in ("film/film.mp4", "film/contact_sheet.png", "film/film.json", "film/metrics.json",
-                 "train/metrics.jsonl", "data/build_report.json", "demo.json"):
+                 "train/metrics.jsonl", "data/build_report.json", "data/encoded/info.json",
+                 "demo.json"):
         assert (tmp_path / path).exists(), path
     demo = json.load(open(tmp_path / "demo.json"))
     assert np.isfinite(demo["train"]["loss"]) and demo["metrics"]["cut_recall"] is not None
+    assert set(demo["times"]) == {"data", "encode", "train", "sample", "score"}
     film = json.load(open(tmp_path / "film" / "film.json"))
     assert len(film["cut_frames"]) >= 1 and film["num_frames"] == 33
     # A second run of the same workdir resumes: data kept, training already at its last step.

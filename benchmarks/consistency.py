@@ -181,17 +181,18 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     skip_absent_tpu()
-    config = load_config("tiny", overrides)
+    config = load_config("tiny")
     config.train.update(steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
                         warmup_steps=min(50, args.steps // 10), log_every=50,
                         checkpoint_every=args.steps, keep_checkpoints=1, validate_every=0)
     config.sample.update(num_steps=args.sample_steps, batch_size=args.eval_films)
-    # Cuts by frame difference unless --config.eval.cut_detector says otherwise: the world's cuts
-    # are hard cuts, and TransNetV2 (~1 s per film here) misses framing-only cuts at 64x64.
-    if not any(o.startswith("--config.eval.cut_detector=") for o in overrides):
-        config.eval.cut_detector = "frame_difference"
+    # Cuts by frame difference: the world's cuts are hard cuts, and TransNetV2 (~1 s per film
+    # here) misses framing-only cuts at 64x64.
+    config.eval.cut_detector = "frame_difference"
     if args.guidance is not None:
         config.sample.guidance_scale = args.guidance
+    for item in overrides:  # --config.* last: a user's override wins over the defaults above
+        apply_override(config, item)
     tokenizer, encoder = text_stack(config)
     vae = make_vae(config)
     scorers = load_scorers(config)
@@ -236,8 +237,9 @@ def main(argv=None):
         losses = {k: x["train/loss"] for k, x in read_metrics(summary["metrics_path"]).items()
                   if "train/loss" in x}
         eval_layouts = [film_layout(cfg, f, tokenizer) for f in films]
-        rows[row] = dict(metrics, steps=summary["step"], loss=losses[max(losses)],
-                         train_seconds=train_s,
+        # train_seconds: this call's training, from trained_from_step (> 0 under --resume)
+        rows[row] = dict(metrics, steps=summary["step"], trained_from_step=summary["start_step"],
+                         loss=losses[max(losses)], train_seconds=train_s,
                          attention_gflops=attention_flops(cfg, eval_layouts) / 1e9)
         rows[row]["identity_scored_shots"] = sum(len(x["identity_consistency"]) for x in values[row])
         console(f"{row}: step {summary['step']}, loss {rows[row]['loss']:.4f}, {train_s:.0f}s "
